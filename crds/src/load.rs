@@ -1,0 +1,212 @@
+//! Reading resources from YAML exactly as users write them for `kubectl apply`, with errors
+//! that name the field: a misspelt or unknown field is an error, as under kubectl's strict
+//! field validation, never silently dropped.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::problems::{FieldError, Problems};
+use crate::{EventPipelineSpec, KafkaConnectionSpec, KafkaTopicSpec};
+
+/// The API version of every Weir resource.
+pub const API_VERSION: &str = "weir.dev/v1alpha1";
+
+/// The metadata fields Weir reads; the rest of metadata is accepted and ignored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// One resource document: apiVersion, kind, metadata and spec (status is ignored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest<S> {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: S,
+}
+
+/// Any Weir resource.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resource {
+    KafkaConnection(Manifest<KafkaConnectionSpec>),
+    KafkaTopic(Manifest<KafkaTopicSpec>),
+    EventPipeline(Manifest<EventPipelineSpec>),
+}
+
+impl Resource {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::KafkaConnection(_) => "KafkaConnection",
+            Resource::KafkaTopic(_) => "KafkaTopic",
+            Resource::EventPipeline(_) => "EventPipeline",
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Resource::KafkaConnection(m) => &m.metadata.name,
+            Resource::KafkaTopic(m) => &m.metadata.name,
+            Resource::EventPipeline(m) => &m.metadata.name,
+        }
+    }
+
+    /// Runs the spec's own `validate()`.
+    pub fn validate(&self) -> Result<(), Problems> {
+        match self {
+            Resource::KafkaConnection(m) => m.spec.validate(),
+            Resource::KafkaTopic(m) => m.spec.validate(&m.metadata.name),
+            Resource::EventPipeline(m) => m.spec.validate(),
+        }
+    }
+}
+
+/// A document that could not be read, with every problem found in it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct LoadError {
+    /// 1-based position of the document in the file.
+    pub document: usize,
+    pub problems: Problems,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "document {}: {}", self.document, self.problems)
+    }
+}
+
+/// Reads every document of a multi-document YAML text. Empty documents are skipped.
+pub fn from_yaml(text: &str) -> Result<Vec<Resource>, LoadError> {
+    let mut resources = Vec::new();
+    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let position = i + 1;
+        let value = serde_yaml_ng::Value::deserialize(document).map_err(|e| LoadError {
+            document: position,
+            problems: single("", format!("not valid YAML: {e}")),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let resource = from_value(value).map_err(|problems| LoadError {
+            document: position,
+            problems,
+        })?;
+        resources.push(resource);
+    }
+    Ok(resources)
+}
+
+/// Reads one document that must be of kind `S`'s resource, e.g. the pipeline file a worker
+/// runs.
+pub fn one_from_yaml(text: &str) -> Result<Resource, LoadError> {
+    let mut resources = from_yaml(text)?;
+    match resources.len() {
+        1 => Ok(resources.remove(0)),
+        n => Err(LoadError {
+            document: 1,
+            problems: single("", format!("expected exactly one resource, found {n}")),
+        }),
+    }
+}
+
+/// Reads one parsed document, dispatching on `kind`.
+pub fn from_value(value: serde_yaml_ng::Value) -> Result<Resource, Problems> {
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    if api_version != API_VERSION {
+        return Err(single(
+            "apiVersion",
+            format!("is {api_version:?}; Weir resources use {API_VERSION:?}"),
+        ));
+    }
+    let kind = value
+        .get("kind")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    match kind.as_str() {
+        "KafkaConnection" => typed(value).map(Resource::KafkaConnection),
+        "KafkaTopic" => typed(value).map(Resource::KafkaTopic),
+        "EventPipeline" => typed(value).map(Resource::EventPipeline),
+        other => Err(single(
+            "kind",
+            format!("{other:?} is not a Weir kind: use KafkaConnection, KafkaTopic or EventPipeline"),
+        )),
+    }
+}
+
+fn typed<S: DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<Manifest<S>, Problems> {
+    let mut unknown = Vec::new();
+    let mut record = |path: serde_ignored::Path<'_>| {
+        let path = path.to_string();
+        // Only the spec is strict; metadata and status carry many fields Weir does not read.
+        if path.starts_with("spec.") {
+            unknown.push(path);
+        }
+    };
+    let ignored = serde_ignored::Deserializer::new(value, &mut record);
+    let manifest: Manifest<S> = serde_path_to_error::deserialize(ignored).map_err(|e| {
+        let path = e.path().to_string();
+        single(&path, e.into_inner().to_string())
+    })?;
+    if !unknown.is_empty() {
+        return Err(Problems(
+            unknown
+                .into_iter()
+                .map(|path: String| unknown_field(&path))
+                .collect(),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// serde_ignored writes sequence indexes as `.0`; users read `[0]`.
+fn unknown_field(path: &str) -> FieldError {
+    let mut pretty = String::new();
+    for segment in path.split('.') {
+        if !segment.is_empty() && segment.chars().all(|c| c.is_ascii_digit()) {
+            pretty.push_str(&format!("[{segment}]"));
+        } else {
+            if !pretty.is_empty() {
+                pretty.push('.');
+            }
+            pretty.push_str(segment);
+        }
+    }
+    let field = pretty.rsplit('.').next().unwrap_or_default().to_owned();
+    // `spec.sinks[N].<field>`: the field is where a sink kind goes.
+    let parent_is_sink = pretty.rsplit_once('.').is_some_and(|(parent, _)| {
+        parent
+            .strip_prefix("spec.sinks[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .is_some_and(|index| index.parse::<usize>().is_ok())
+    });
+    let message = if parent_is_sink {
+        format!(
+            "unknown sink kind {field:?}: use one of {}",
+            crate::SINK_KINDS.join(", ")
+        )
+    } else {
+        format!("unknown field {field:?}: check its spelling and `kubectl explain` for the fields this resource has")
+    };
+    FieldError {
+        path: pretty,
+        message,
+    }
+}
+
+fn single(path: &str, message: String) -> Problems {
+    let path = if path.is_empty() || path == "." {
+        "(document)".to_owned()
+    } else {
+        path.to_owned()
+    };
+    Problems(vec![FieldError { path, message }])
+}

@@ -1,0 +1,75 @@
+//! Observed state of an EventPipeline.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::condition::Condition;
+
+/// Observed state of an EventPipeline.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventPipelineStatus {
+    /// The metadata.generation last reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Workers the Deployment is asked to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Workers ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Label selector of the worker pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The consumer group's lag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<Lag>,
+    /// Records consumed per second, measured over the last interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumption_rate: Option<f64>,
+    /// When the autoscaler last changed the replicas (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
+    /// Why the autoscaler last changed the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+    /// The last replay carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_replay: Option<ReplayStatus>,
+    /// Ready, Scaling and Degraded, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Lag of a consumer group: records produced but not yet committed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lag {
+    /// Sum over all topics.
+    pub total: i64,
+    /// Per topic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<TopicLag>,
+}
+
+/// Lag of one topic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicLag {
+    pub topic: String,
+    pub lag: i64,
+}
+
+/// A replay that was carried out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayStatus {
+    /// The replay's token.
+    pub token: String,
+    /// When the group was reset (RFC 3339).
+    pub completed_at: String,
+    /// Whether the sinks were truncated.
+    #[serde(default)]
+    pub truncated: bool,
+}

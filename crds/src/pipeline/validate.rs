@@ -1,0 +1,466 @@
+//! `EventPipelineSpec::validate`: every problem the CRD schema cannot catch, each with its
+//! field path. The operator reports them in status; the worker refuses to start on them.
+
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::problems::{Collector, Problems};
+use crate::reference::SecretSource;
+use crate::topic::is_valid_topic_name;
+
+impl EventPipelineSpec {
+    /// Every problem with this spec, each with its field path.
+    pub fn validate(&self) -> Result<(), Problems> {
+        let mut out = Vec::new();
+        let mut spec = Collector::new("spec", &mut out);
+        validate_source(&self.source, &mut spec.at("source"));
+        if let Some(filter) = &self.filter {
+            check_cel(filter, &mut spec.at("filter"));
+        }
+        if let Some(transform) = &self.transform {
+            let mut at = spec.at("transform");
+            for (field, expression) in &transform.set {
+                let mut entry = at.key("set", field);
+                if field.is_empty() {
+                    entry.error("field name must not be empty");
+                }
+                check_cel(expression, &mut entry);
+            }
+            for (i, field) in transform.remove.iter().enumerate() {
+                if field.is_empty() {
+                    at.index("remove", i).error("field name must not be empty");
+                }
+            }
+        }
+        validate_sinks(self, &mut spec);
+        validate_batch(&self.batch, &mut spec.at("batch"));
+        validate_retry(&self.retry, &mut spec.at("retry"));
+        if let Some(dead_letter) = &self.dead_letter {
+            let mut at = spec.at("deadLetter");
+            if !is_valid_topic_name(&dead_letter.topic) {
+                at.field_error("topic", topic_name_message(&dead_letter.topic));
+            } else if self.source.topics.contains(&dead_letter.topic) {
+                at.field_error(
+                    "topic",
+                    "must differ from every source topic, or failed records would loop",
+                );
+            }
+            if dead_letter.partitions < 1 {
+                at.field_error("partitions", "must be at least 1");
+            }
+        }
+        if let Some(idempotency) = &self.idempotency {
+            let mut at = spec.at("idempotency");
+            check_field_path(&idempotency.key, &mut at.at("key"));
+            check_duration(&idempotency.window, &mut at.at("window"));
+        }
+        validate_scaling(&self.scaling, &mut spec.at("scaling"));
+        if let Some(replicas) = self.replicas
+            && replicas < 0
+        {
+            spec.field_error("replicas", "must not be negative");
+        }
+        if let Some(replay) = &self.replay {
+            validate_replay(replay, &mut spec.at("replay"));
+        }
+        if let Some(worker) = &self.worker
+            && !(1..=3600).contains(&worker.termination_grace_period_seconds)
+        {
+            spec.at("worker").field_error(
+                "terminationGracePeriodSeconds",
+                "must be between 1 and 3600",
+            );
+        }
+        Problems(out).into_result()
+    }
+}
+
+fn validate_source(source: &Source, at: &mut Collector<'_>) {
+    if source.topics.is_empty() {
+        at.field_error("topics", "list at least one topic to consume");
+    }
+    let mut seen = BTreeSet::new();
+    for (i, topic) in source.topics.iter().enumerate() {
+        if !is_valid_topic_name(topic) {
+            at.index("topics", i).error(topic_name_message(topic));
+        } else if !seen.insert(topic) {
+            at.index("topics", i)
+                .error(format!("{topic:?} is listed twice"));
+        }
+    }
+    if let Some(group) = &source.consumer_group
+        && group.trim().is_empty()
+    {
+        at.field_error(
+            "consumerGroup",
+            "must not be empty; omit it for <namespace>.<name>",
+        );
+    }
+}
+
+fn validate_sinks(spec_value: &EventPipelineSpec, spec: &mut Collector<'_>) {
+    if spec_value.sinks.is_empty() {
+        spec.field_error("sinks", "list at least one sink");
+    }
+    let mut names = BTreeSet::new();
+    for (i, sink) in spec_value.sinks.iter().enumerate() {
+        let mut at = spec.index("sinks", i);
+        let kinds = sink.kinds();
+        match kinds.as_slice() {
+            [] => at.error(format!(
+                "no sink kind set: set exactly one of {}",
+                SINK_KINDS.join(", ")
+            )),
+            [_] => {}
+            many => at.error(format!(
+                "{} are all set: set exactly one sink kind per entry (add another entry to `sinks` for another destination)",
+                many.join(" and ")
+            )),
+        }
+        if let Some(name) = &sink.name
+            && !names.insert(name.clone())
+        {
+            at.field_error("name", format!("{name:?} is used by another sink"));
+        }
+        if let Some(pg) = &sink.postgres {
+            validate_sql(pg, &mut at.at("postgres"));
+        }
+        if let Some(my) = &sink.mysql {
+            validate_sql(my, &mut at.at("mysql"));
+        }
+        if let Some(redis) = &sink.redis {
+            validate_redis(redis, &mut at.at("redis"));
+        }
+        if let Some(http) = &sink.http {
+            validate_http(http, &mut at.at("http"));
+        }
+        if let Some(kafka) = &sink.kafka {
+            let mut at = at.at("kafka");
+            if !is_valid_topic_name(&kafka.topic) {
+                at.field_error("topic", topic_name_message(&kafka.topic));
+            } else if spec_value.source.topics.contains(&kafka.topic)
+                && kafka.connection_ref.is_none()
+            {
+                at.field_error(
+                    "topic",
+                    "must differ from every source topic, or the pipeline would consume its own output",
+                );
+            }
+            if let Some(key) = &kafka.key {
+                check_cel(key, &mut at.at("key"));
+            }
+        }
+        if spec_value.delivery == Delivery::ExactlyOnce
+            && (sink.redis.is_some() || sink.http.is_some())
+        {
+            at.error(
+                "delivery: ExactlyOnce needs sinks that can store offsets transactionally (postgres, mysql, kafka); use AtLeastOnce with idempotent writes for redis and http",
+            );
+        }
+    }
+    if spec_value.delivery == Delivery::ExactlyOnce && spec_value.sinks.len() > 1 {
+        spec.field_error(
+            "delivery",
+            "ExactlyOnce supports one sink per pipeline: split the others into their own pipelines reading the same topics",
+        );
+    }
+}
+
+fn validate_sql(sink: &SqlSink, at: &mut Collector<'_>) {
+    check_secret_source(&sink.url_from, &mut at.at("urlFrom"));
+    if !is_sql_table_name(&sink.table) {
+        at.field_error(
+            "table",
+            format!("{:?} is not a table name: use name or schema.name of letters, digits and _", sink.table),
+        );
+    }
+    let needs_keys = matches!(
+        sink.mode,
+        WriteMode::Upsert | WriteMode::Delete | WriteMode::Rules
+    );
+    if needs_keys && sink.key_columns.is_empty() {
+        at.field_error(
+            "keyColumns",
+            format!("mode {:?} needs the columns that identify a row", sink.mode),
+        );
+    }
+    check_columns(&sink.columns, "columns", at);
+    match sink.mode {
+        WriteMode::Insert | WriteMode::Upsert => {
+            if sink.columns.is_empty() {
+                at.field_error(
+                    "columns",
+                    format!("mode {:?} needs at least one column", sink.mode),
+                );
+            }
+        }
+        WriteMode::Delete | WriteMode::Rules => {}
+    }
+    if matches!(sink.mode, WriteMode::Upsert | WriteMode::Delete) {
+        check_keys_are_columns(&sink.key_columns, &sink.columns, "columns", at);
+    }
+    if sink.mode == WriteMode::Rules {
+        if sink.rules.is_empty() {
+            at.field_error(
+                "rules",
+                "mode Rules needs at least one rule (when + action)",
+            );
+        }
+        if !sink.columns.is_empty() {
+            at.field_error(
+                "columns",
+                "with mode Rules, list columns in each rule instead",
+            );
+        }
+    } else if !sink.rules.is_empty() {
+        at.field_error("rules", "rules are used only with mode: Rules");
+    }
+    for (i, rule) in sink.rules.iter().enumerate() {
+        let mut rule_at = at.index("rules", i);
+        check_cel(&rule.when, &mut rule_at.at("when"));
+        check_columns(&rule.columns, "columns", &mut rule_at);
+        match rule.action {
+            RuleAction::Upsert => {
+                check_keys_are_columns(&sink.key_columns, &rule.columns, "columns", &mut rule_at)
+            }
+            RuleAction::Update => {
+                if rule.columns.is_empty() {
+                    rule_at.field_error("columns", "Update needs the columns it sets");
+                }
+                check_keys_are_columns(&sink.key_columns, &rule.columns, "columns", &mut rule_at)
+            }
+            RuleAction::Delete => {
+                check_keys_are_columns(&sink.key_columns, &rule.columns, "columns", &mut rule_at)
+            }
+        }
+    }
+}
+
+fn check_columns(columns: &[Column], field: &str, at: &mut Collector<'_>) {
+    let mut seen = BTreeSet::new();
+    for (i, column) in columns.iter().enumerate() {
+        let mut col = at.index(field, i);
+        if !is_sql_identifier(&column.name) {
+            col.field_error(
+                "name",
+                format!("{:?} is not a column name: use letters, digits and _", column.name),
+            );
+        } else if !seen.insert(column.name.as_str()) {
+            col.field_error("name", format!("column {:?} is listed twice", column.name));
+        }
+        if let Some(from) = &column.from {
+            check_field_path(from, &mut col.at("from"));
+        }
+    }
+}
+
+/// Key columns must be filled by the listed columns, or rows cannot be matched.
+fn check_keys_are_columns(keys: &[String], columns: &[Column], field: &str, at: &mut Collector<'_>) {
+    for key in keys {
+        if !columns.iter().any(|c| &c.name == key) {
+            at.field_error(
+                field,
+                format!("key column {key:?} is missing: add a column named {key:?} so rows can be matched"),
+            );
+        }
+    }
+}
+
+fn validate_redis(sink: &RedisSink, at: &mut Collector<'_>) {
+    check_secret_source(&sink.url_from, &mut at.at("urlFrom"));
+    check_cel(&sink.key, &mut at.at("key"));
+    if let Some(value) = &sink.value {
+        check_cel(value, &mut at.at("value"));
+    }
+    for (field, expression) in &sink.fields {
+        check_cel(expression, &mut at.key("fields", field));
+    }
+    match sink.command {
+        RedisCommand::Hset if sink.fields.is_empty() => {
+            at.field_error("fields", "command Hset needs at least one field")
+        }
+        RedisCommand::Set | RedisCommand::Del if !sink.fields.is_empty() => at.field_error(
+            "fields",
+            format!("fields are used only with command Hset, not {:?}", sink.command),
+        ),
+        RedisCommand::Hset | RedisCommand::Del if sink.value.is_some() => at.field_error(
+            "value",
+            format!("value is used only with command Set, not {:?}", sink.command),
+        ),
+        _ => {}
+    }
+    if let Some(ttl) = &sink.ttl {
+        check_duration(ttl, &mut at.at("ttl"));
+    }
+}
+
+fn validate_http(sink: &HttpSink, at: &mut Collector<'_>) {
+    match (&sink.url, &sink.url_from) {
+        (Some(url), None) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                at.field_error(
+                    "url",
+                    format!("{url:?} must start with http:// or https://"),
+                );
+            }
+        }
+        (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
+        _ => at.error("set exactly one of url, urlFrom"),
+    }
+    for (name, source) in &sink.headers_from {
+        check_secret_source(source, &mut at.key("headersFrom", name));
+    }
+    check_duration(&sink.timeout, &mut at.at("timeout"));
+}
+
+fn validate_batch(batch: &Batch, at: &mut Collector<'_>) {
+    if batch.max_records < 1 {
+        at.field_error("maxRecords", "must be at least 1");
+    }
+    if batch.max_bytes < 1 {
+        at.field_error("maxBytes", "must be at least 1");
+    }
+    check_duration(&batch.max_wait, &mut at.at("maxWait"));
+}
+
+fn validate_retry(retry: &Retry, at: &mut Collector<'_>) {
+    if retry.attempts < 1 {
+        at.field_error("attempts", "must be at least 1 (1 means no retries)");
+    }
+    let initial = check_duration(&retry.initial_backoff, &mut at.at("initialBackoff"));
+    let max = check_duration(&retry.max_backoff, &mut at.at("maxBackoff"));
+    if let (Some(initial), Some(max)) = (initial, max)
+        && initial > max
+    {
+        at.field_error(
+            "initialBackoff",
+            format!("{} is longer than maxBackoff {}", retry.initial_backoff, retry.max_backoff),
+        );
+    }
+    if !(1.0..=10.0).contains(&retry.multiplier) {
+        at.field_error("multiplier", "must be between 1 and 10");
+    }
+    if !(0.0..=1.0).contains(&retry.jitter) {
+        at.field_error("jitter", "must be between 0 and 1");
+    }
+}
+
+fn validate_scaling(scaling: &Scaling, at: &mut Collector<'_>) {
+    if scaling.min_replicas < 0 {
+        at.field_error("minReplicas", "must not be negative");
+    }
+    if scaling.max_replicas < 1 {
+        at.field_error("maxReplicas", "must be at least 1");
+    }
+    if scaling.min_replicas > scaling.max_replicas {
+        at.field_error(
+            "minReplicas",
+            format!(
+                "{} exceeds maxReplicas {}: raise maxReplicas or lower minReplicas",
+                scaling.min_replicas, scaling.max_replicas
+            ),
+        );
+    }
+    if scaling.target_lag_per_replica < 1 {
+        at.field_error("targetLagPerReplica", "must be at least 1");
+    }
+    if scaling.activation_lag < 0 {
+        at.field_error("activationLag", "must not be negative");
+    }
+    if let Some(catch_up) = &scaling.target_catch_up_time {
+        check_duration(catch_up, &mut at.at("targetCatchUpTime"));
+    }
+    check_duration(&scaling.cooldown, &mut at.at("cooldown"));
+}
+
+fn validate_replay(replay: &Replay, at: &mut Collector<'_>) {
+    if replay.token.trim().is_empty() {
+        at.field_error("token", "must not be empty");
+    }
+    match replay.to {
+        ReplayTarget::Timestamp => match &replay.timestamp {
+            None => at.field_error("timestamp", "to: Timestamp needs a timestamp (RFC 3339)"),
+            Some(ts) if !looks_like_rfc3339(ts) => at.field_error(
+                "timestamp",
+                format!("{ts:?} is not an RFC 3339 time, e.g. \"2026-11-23T10:00:00Z\""),
+            ),
+            Some(_) => {}
+        },
+        ReplayTarget::Offsets if replay.offsets.is_empty() => {
+            at.field_error("offsets", "to: Offsets needs at least one partition offset")
+        }
+        _ => {}
+    }
+}
+
+fn check_secret_source(source: &SecretSource, at: &mut Collector<'_>) {
+    if source.alternatives_set() != 1 {
+        at.error("set exactly one of secretKeyRef, env, file");
+    }
+}
+
+fn check_duration(duration: &crate::DurationString, at: &mut Collector<'_>) -> Option<std::time::Duration> {
+    match duration.parse() {
+        Ok(value) => Some(value),
+        Err(message) => {
+            at.error(message);
+            None
+        }
+    }
+}
+
+/// Compiles a CEL expression; a syntax error is reported with the expression's field path.
+fn check_cel(expression: &str, at: &mut Collector<'_>) {
+    if expression.trim().is_empty() {
+        at.error("expression must not be empty");
+        return;
+    }
+    if let Err(err) = cel::Program::compile(expression) {
+        at.error(format!("invalid CEL expression {expression:?}: {err}"));
+    }
+}
+
+/// A dotted JSON field path, e.g. `event.payload.title` or `title`.
+fn check_field_path(path: &str, at: &mut Collector<'_>) {
+    let valid = !path.is_empty()
+        && path.split('.').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+    if !valid {
+        at.error(format!(
+            "{path:?} is not a field path: use dot-separated names, e.g. \"event.payload.id\""
+        ));
+    }
+}
+
+fn is_sql_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
+}
+
+fn is_sql_table_name(name: &str) -> bool {
+    match name.split_once('.') {
+        Some((schema, table)) => is_sql_identifier(schema) && is_sql_identifier(table),
+        None => is_sql_identifier(name),
+    }
+}
+
+fn looks_like_rfc3339(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() >= 20
+        && bytes[4] == b'-'
+        && bytes[7] == b'-'
+        && (bytes[10] == b'T' || bytes[10] == b't')
+        && bytes[13] == b':'
+        && bytes[16] == b':'
+        && (text.ends_with('Z') || text.ends_with('z') || text[19..].contains(['+', '-']))
+}
+
+fn topic_name_message(topic: &str) -> String {
+    format!("{topic:?} is not a legal Kafka topic name: use 1-249 of a-z A-Z 0-9 . _ -")
+}
