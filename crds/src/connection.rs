@@ -25,9 +25,17 @@ use crate::reference::SecretKeySelector;
         status = "KafkaConnectionStatus",
         shortname = "kconn",
         category = "weir",
-        printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+        ),
         printcolumn(name = "Brokers", type_ = "integer", json_path = ".status.brokers"),
-        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -122,12 +130,18 @@ pub struct KafkaConnectionStatus {
 /// librdkafka properties that carry credentials: they must come from Secrets, never inline.
 const SECRET_PROPERTIES: &[(&str, &str)] = &[
     ("sasl.password", "spec.sasl.passwordSecretRef"),
-    ("sasl.username", "spec.sasl.username or spec.sasl.usernameSecretRef"),
+    (
+        "sasl.username",
+        "spec.sasl.username or spec.sasl.usernameSecretRef",
+    ),
     ("ssl.key.password", "spec.tls.clientKey"),
     ("ssl.key.pem", "spec.tls.clientKey"),
     ("ssl.certificate.pem", "spec.tls.clientCert"),
     ("ssl.ca.pem", "spec.tls.caCert"),
-    ("sasl.oauthbearer.client.secret", "a Secret (OAUTHBEARER is not supported yet)"),
+    (
+        "sasl.oauthbearer.client.secret",
+        "a Secret (OAUTHBEARER is not supported yet)",
+    ),
     ("bootstrap.servers", "spec.bootstrapServers"),
     ("security.protocol", "spec.tls and spec.sasl"),
 ];

@@ -41,7 +41,9 @@ impl From<&str> for DurationString {
 /// Parses a Go-style duration (`1h30m`, `250ms`, `1.5s`). Negative durations are refused.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let fail = || {
-        format!("invalid duration {text:?}: write a number followed by a unit (ns, us, ms, s, m, h), e.g. \"100ms\", \"30s\", \"1h30m\"")
+        format!(
+            "invalid duration {text:?}: write a number followed by a unit (ns, us, ms, s, m, h), e.g. \"100ms\", \"30s\", \"1h30m\""
+        )
     };
     if text.is_empty() {
         return Err(fail());

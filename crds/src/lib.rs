@@ -29,8 +29,13 @@ pub const VERSION: &str = "v1alpha1";
 
 /// Every CustomResourceDefinition Weir installs, in a stable order.
 #[cfg(feature = "kube")]
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    vec![KafkaConnection::crd(), KafkaTopic::crd(), EventPipeline::crd()]
+    vec![
+        KafkaConnection::crd(),
+        KafkaTopic::crd(),
+        EventPipeline::crd(),
+    ]
 }

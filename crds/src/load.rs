@@ -137,7 +137,9 @@ pub fn from_value(value: serde_yaml_ng::Value) -> Result<Resource, Problems> {
         "EventPipeline" => typed(value).map(Resource::EventPipeline),
         other => Err(single(
             "kind",
-            format!("{other:?} is not a Weir kind: use KafkaConnection, KafkaTopic or EventPipeline"),
+            format!(
+                "{other:?} is not a Weir kind: use KafkaConnection, KafkaTopic or EventPipeline"
+            ),
         )),
     }
 }
@@ -194,7 +196,9 @@ fn unknown_field(path: &str) -> FieldError {
             crate::SINK_KINDS.join(", ")
         )
     } else {
-        format!("unknown field {field:?}: check its spelling and `kubectl explain` for the fields this resource has")
+        format!(
+            "unknown field {field:?}: check its spelling and `kubectl explain` for the fields this resource has"
+        )
     };
     FieldError {
         path: pretty,

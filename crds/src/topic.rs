@@ -32,8 +32,16 @@ pub const TOPIC_NAME_PATTERN: &str = r"^[a-zA-Z0-9._-]{1,249}$";
         category = "weir",
         printcolumn(name = "Topic", type_ = "string", json_path = ".status.topicName"),
         printcolumn(name = "Partitions", type_ = "integer", json_path = ".spec.partitions"),
-        printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
-        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -255,8 +263,7 @@ impl KafkaTopicSpec {
             let value = value.as_str();
             if INTEGER_CONFIGS.contains(&key.as_str()) && value.parse::<i64>().is_err() {
                 at.error(format!("must be an integer, got {value:?}"));
-            } else if BOOLEAN_CONFIGS.contains(&key.as_str())
-                && !matches!(value, "true" | "false")
+            } else if BOOLEAN_CONFIGS.contains(&key.as_str()) && !matches!(value, "true" | "false")
             {
                 at.error(format!("must be \"true\" or \"false\", got {value:?}"));
             } else if key == "cleanup.policy" {

@@ -1,1 +1,146 @@
+//! The test harness: real services on loopback for Weir's integration tests.
+//!
+//! - [`kafka`]: a real Apache Kafka broker (single KRaft node, jars from Maven Central, run
+//!   with the JDK), shared by every test of a run; and librdkafka's in-process mock cluster
+//!   for fault injection.
+//! - [`postgres`]: a PostgreSQL server (shared, one fresh database per test) or a dedicated
+//!   one a test may stop and start.
+//! - [`redis`]: a Redis server per test.
+//!
+//! Shared servers come from the environment when the test command started them once for
+//! the whole run (`weir-test-services`, see scripts/test.sh); otherwise the first test in a
+//! process starts them. Every server runs under a watchdog that kills it and deletes its
+//! data directory when the owning process exits, however it exits (panic, SIGKILL), so
+//! nothing outlives a run. A part that cannot start fails the test with a message naming
+//! the part and why: nothing is skipped silently.
 
+pub mod kafka;
+pub mod postgres;
+mod process;
+pub mod redis;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use kafka::{KafkaServer, TestKafka};
+pub use postgres::{PostgresServer, TestDatabase};
+pub use redis::RedisServer;
+
+/// Environment variables through which one run shares its servers with every test process.
+pub mod env {
+    /// Bootstrap address of the shared Kafka broker.
+    pub const KAFKA_BOOTSTRAP: &str = "WEIR_TEST_KAFKA_BOOTSTRAP";
+    /// URL of the shared PostgreSQL server's `postgres` database (superuser, trust auth).
+    pub const POSTGRES_URL: &str = "WEIR_TEST_POSTGRES_URL";
+    /// Where installed tools live (Kafka jars); see scripts/install-test-deps.sh.
+    pub const TOOLS_DIR: &str = "WEIR_TOOLS_DIR";
+}
+
+/// The Kafka version whose jars scripts/install-test-deps.sh installs.
+pub const KAFKA_VERSION: &str = "4.3.1";
+
+/// Why a part of the harness could not be provided.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("{part} is not installed: {hint}")]
+    Missing { part: &'static str, hint: String },
+    #[error("{part} did not start: {detail}")]
+    Start { part: &'static str, detail: String },
+    #[error("{part}: {context}: {source}")]
+    Io {
+        part: &'static str,
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("postgres: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+}
+
+pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
+
+/// The tools directory: `$WEIR_TOOLS_DIR`, else `~/.cache/weir-tools`.
+pub fn tools_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(env::TOOLS_DIR) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/weir-tools")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port(part: &'static str) -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| HarnessError::Io {
+        part,
+        context: "binding an ephemeral port".into(),
+        source,
+    })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| HarnessError::Io {
+            part,
+            context: "reading an ephemeral port".into(),
+            source,
+        })?
+        .port();
+    Ok(port)
+}
+
+/// A name no other test of this run uses, e.g. `orders-3f2a9c1b`.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..12])
+}
+
+/// Polls `check` until it returns `Some`, or fails after `deadline` with `what`.
+/// This is how the harness (and tests) wait: on a condition with a deadline, never a bare
+/// sleep.
+pub fn wait_until<T>(
+    part: &'static str,
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if start.elapsed() > deadline {
+            return Err(HarnessError::Start {
+                part,
+                detail: format!("{what} not reached within {deadline:?}"),
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Async form of [`wait_until`] for conditions checked with async clients.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if start.elapsed() > deadline {
+            return Err(HarnessError::Start {
+                part: "condition",
+                detail: format!("{what} not reached within {deadline:?}"),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}

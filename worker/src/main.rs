@@ -37,7 +37,11 @@ fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(err @ (SpecError::Load { .. } | SpecError::Invalid { .. } | SpecError::WrongKind { .. })) => {
+            Err(
+                err @ (SpecError::Load { .. }
+                | SpecError::Invalid { .. }
+                | SpecError::WrongKind { .. }),
+            ) => {
                 eprintln!("error: {err}");
                 ExitCode::from(2)
             }

@@ -16,8 +16,14 @@ fn committed_generated_files_match_the_rust_types() -> anyhow::Result<()> {
 fn chart_crds_are_guarded_and_kept_on_uninstall() -> anyhow::Result<()> {
     for (path, content) in xtask::generated_files()? {
         if path.starts_with("charts") {
-            assert!(content.contains("{{- if .Values.crds.install }}"), "{path:?}");
-            assert!(content.contains("helm.sh/resource-policy: keep"), "{path:?}");
+            assert!(
+                content.contains("{{- if .Values.crds.install }}"),
+                "{path:?}"
+            );
+            assert!(
+                content.contains("helm.sh/resource-policy: keep"),
+                "{path:?}"
+            );
         }
     }
     Ok(())

@@ -38,10 +38,18 @@ use crate::reference::ConnectionRef;
             status_replicas_path = ".status.replicas",
             label_selector_path = ".status.selector"
         ),
-        printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+        ),
         printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
         printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag.total"),
-        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
     )
 )]
 #[serde(rename_all = "camelCase")]

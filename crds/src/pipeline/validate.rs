@@ -171,7 +171,10 @@ fn validate_sql(sink: &SqlSink, at: &mut Collector<'_>) {
     if !is_sql_table_name(&sink.table) {
         at.field_error(
             "table",
-            format!("{:?} is not a table name: use name or schema.name of letters, digits and _", sink.table),
+            format!(
+                "{:?} is not a table name: use name or schema.name of letters, digits and _",
+                sink.table
+            ),
         );
     }
     let needs_keys = matches!(
@@ -243,7 +246,10 @@ fn check_columns(columns: &[Column], field: &str, at: &mut Collector<'_>) {
         if !is_sql_identifier(&column.name) {
             col.field_error(
                 "name",
-                format!("{:?} is not a column name: use letters, digits and _", column.name),
+                format!(
+                    "{:?} is not a column name: use letters, digits and _",
+                    column.name
+                ),
             );
         } else if !seen.insert(column.name.as_str()) {
             col.field_error("name", format!("column {:?} is listed twice", column.name));
@@ -255,7 +261,12 @@ fn check_columns(columns: &[Column], field: &str, at: &mut Collector<'_>) {
 }
 
 /// Key columns must be filled by the listed columns, or rows cannot be matched.
-fn check_keys_are_columns(keys: &[String], columns: &[Column], field: &str, at: &mut Collector<'_>) {
+fn check_keys_are_columns(
+    keys: &[String],
+    columns: &[Column],
+    field: &str,
+    at: &mut Collector<'_>,
+) {
     for key in keys {
         if !columns.iter().any(|c| &c.name == key) {
             at.field_error(
@@ -281,11 +292,17 @@ fn validate_redis(sink: &RedisSink, at: &mut Collector<'_>) {
         }
         RedisCommand::Set | RedisCommand::Del if !sink.fields.is_empty() => at.field_error(
             "fields",
-            format!("fields are used only with command Hset, not {:?}", sink.command),
+            format!(
+                "fields are used only with command Hset, not {:?}",
+                sink.command
+            ),
         ),
         RedisCommand::Hset | RedisCommand::Del if sink.value.is_some() => at.field_error(
             "value",
-            format!("value is used only with command Set, not {:?}", sink.command),
+            format!(
+                "value is used only with command Set, not {:?}",
+                sink.command
+            ),
         ),
         _ => {}
     }
@@ -334,7 +351,10 @@ fn validate_retry(retry: &Retry, at: &mut Collector<'_>) {
     {
         at.field_error(
             "initialBackoff",
-            format!("{} is longer than maxBackoff {}", retry.initial_backoff, retry.max_backoff),
+            format!(
+                "{} is longer than maxBackoff {}",
+                retry.initial_backoff, retry.max_backoff
+            ),
         );
     }
     if !(1.0..=10.0).contains(&retry.multiplier) {
@@ -399,7 +419,10 @@ fn check_secret_source(source: &SecretSource, at: &mut Collector<'_>) {
     }
 }
 
-fn check_duration(duration: &crate::DurationString, at: &mut Collector<'_>) -> Option<std::time::Duration> {
+fn check_duration(
+    duration: &crate::DurationString,
+    at: &mut Collector<'_>,
+) -> Option<std::time::Duration> {
     match duration.parse() {
         Ok(value) => Some(value),
         Err(message) => {

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs, skipping whatever is already there, so a second run
+# takes seconds:
+#   - PostgreSQL and Redis (Debian packages)
+#   - the pinned Apache Kafka broker jars (Maven Central, via testkit/kafka/pom.xml) into
+#     the tools directory ($WEIR_TOOLS_DIR, default ~/.cache/weir-tools)
+#   - cargo-nextest
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tools="${WEIR_TOOLS_DIR:-$HOME/.cache/weir-tools}"
+kafka_version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$root/testkit/kafka/pom.xml")"
+nextest_version="0.9.151"
+
+say() { printf 'install-test-deps: %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Debian packages.
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v java >/dev/null || missing+=(default-jdk-headless)
+command -v mvn >/dev/null || missing+=(maven)
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "postgresql, redis-server, java, mvn: present"
+fi
+
+# The Kafka broker's jars.
+libs="$tools/kafka-$kafka_version/libs"
+if [ -f "$libs/.complete" ]; then
+  say "kafka $kafka_version jars: present in $libs"
+else
+  say "fetching kafka $kafka_version jars from Maven Central into $libs"
+  rm -rf "$libs.partial"
+  mkdir -p "$libs.partial"
+  mvn -q -B -Dstyle.color=never -f "$root/testkit/kafka/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$libs.partial"
+  rm -rf "$libs"
+  mv "$libs.partial" "$libs"
+  touch "$libs/.complete"
+fi
+
+# cargo-nextest.
+if cargo nextest --version >/dev/null 2>&1; then
+  say "cargo-nextest: present"
+else
+  say "installing cargo-nextest $nextest_version (a few minutes, once)"
+  cargo install --locked --quiet "cargo-nextest@$nextest_version"
+fi
