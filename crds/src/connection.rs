@@ -11,6 +11,9 @@ use crate::reference::SecretKeySelector;
 
 /// How to reach a Kafka cluster. KafkaTopics and EventPipelines name one in `connectionRef`;
 /// without it they use the KafkaConnection named `default` in their namespace.
+// The kube derive repeats `type_ = ...` across printer columns, which clippy mistakes
+// for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[cfg_attr(
     feature = "kube",

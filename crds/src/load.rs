@@ -31,7 +31,9 @@ pub struct Manifest<S> {
     pub spec: S,
 }
 
-/// Any Weir resource.
+/// Any Weir resource. Read once per file and short-lived, so the size difference between
+/// variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
     KafkaConnection(Manifest<KafkaConnectionSpec>),

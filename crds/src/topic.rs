@@ -16,6 +16,9 @@ pub const TOPIC_NAME_PATTERN: &str = r"^[a-zA-Z0-9._-]{1,249}$";
 
 /// A Kafka topic. The operator creates it when missing, adopts an existing topic of the same
 /// name, raises partitions (never lowers them), and keeps the configs listed in `config`.
+// The kube derive repeats `type_ = ...` across printer columns, which clippy mistakes
+// for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[cfg_attr(
     feature = "kube",

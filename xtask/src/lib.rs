@@ -24,7 +24,12 @@ pub fn repo_root() -> PathBuf {
 /// Every generated file: path relative to the repository root → content.
 pub fn generated_files() -> anyhow::Result<BTreeMap<PathBuf, String>> {
     let mut files = BTreeMap::new();
-    for crd in weir_crds::crds() {
+    let mut all_crds = String::from(HEADER);
+    for (i, crd) in weir_crds::crds().into_iter().enumerate() {
+        if i > 0 {
+            all_crds.push_str("---\n");
+        }
+        all_crds.push_str(&to_yaml(&crd)?);
         let name = crd.metadata.name.clone().context("CRD without a name")?;
         let plural = crd.spec.names.plural.clone();
         files.insert(
@@ -36,6 +41,13 @@ pub fn generated_files() -> anyhow::Result<BTreeMap<PathBuf, String>> {
             chart_crd(crd)?,
         );
     }
+    // Plain manifests for GitOps: `kubectl apply -k deploy/` (the operator's own objects
+    // join them when the operator lands).
+    files.insert(PathBuf::from("deploy/crds.yaml"), all_crds);
+    files.insert(
+        PathBuf::from("deploy/kustomization.yaml"),
+        format!("{HEADER}apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - crds.yaml\n"),
+    );
     Ok(files)
 }
 

@@ -19,6 +19,9 @@ use crate::reference::ConnectionRef;
 
 /// A pipeline from Kafka topics to one or more sinks, run by a worker Deployment that the
 /// operator scales against consumer-group lag.
+// The kube derive repeats `type_ = ...` across printer columns, which clippy mistakes
+// for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[cfg_attr(
     feature = "kube",

@@ -1,0 +1,205 @@
+//! Invalid resources are refused, every problem named by its field path.
+
+use weir_crds::load::{from_yaml, one_from_yaml};
+use weir_crds::{FieldError, Resource};
+
+/// The problems a document has, from loading or from `validate()`.
+fn problems(yaml: &str) -> Vec<FieldError> {
+    match one_from_yaml(yaml) {
+        Err(err) => err.problems.0,
+        Ok(resource) => resource.validate().err().map(|p| p.0).unwrap_or_default(),
+    }
+}
+
+fn assert_refused(yaml: &str, path: &str, words: &str) {
+    let found = problems(yaml);
+    assert!(
+        found
+            .iter()
+            .any(|p| p.path == path && p.message.contains(words)),
+        "expected a problem at {path} mentioning {words:?}, got {found:#?}"
+    );
+}
+
+const PIPELINE: &str = r#"
+apiVersion: weir.dev/v1alpha1
+kind: EventPipeline
+metadata: {name: p}
+spec:
+  source:
+    topics: [orders]
+  sinks:
+    - postgres:
+        urlFrom: {env: DATABASE_URL}
+        table: orders
+        mode: Upsert
+        keyColumns: [id]
+        columns:
+          - {name: id, type: bigint}
+          - {name: total, type: numeric}
+"#;
+
+#[test]
+fn the_base_pipeline_is_valid() {
+    assert_eq!(problems(PIPELINE), vec![]);
+}
+
+#[test]
+fn topic_with_zero_partitions_is_refused() {
+    let yaml = "apiVersion: weir.dev/v1alpha1\nkind: KafkaTopic\nmetadata: {name: t}\nspec:\n  partitions: 0\n";
+    assert_refused(yaml, "spec.partitions", "at least 1");
+}
+
+#[test]
+fn min_replicas_above_max_replicas_is_refused() {
+    let yaml = format!("{PIPELINE}  scaling:\n    minReplicas: 5\n    maxReplicas: 2\n");
+    assert_refused(&yaml, "spec.scaling.minReplicas", "exceeds maxReplicas 2");
+}
+
+#[test]
+fn unknown_sink_kind_is_refused() {
+    let yaml = PIPELINE.replace("    - postgres:", "    - mongodb: {}\n    - postgres:");
+    assert_refused(
+        &yaml,
+        "spec.sinks[0].mongodb",
+        "unknown sink kind \"mongodb\"",
+    );
+}
+
+#[test]
+fn sink_without_a_kind_is_refused() {
+    let yaml = PIPELINE.replace("    - postgres:", "    - name: nothing\n    - postgres:");
+    assert_refused(&yaml, "spec.sinks[0]", "no sink kind set");
+}
+
+#[test]
+fn pipeline_without_source_topics_is_refused() {
+    let yaml = PIPELINE.replace("topics: [orders]", "topics: []");
+    assert_refused(&yaml, "spec.source.topics", "at least one topic");
+}
+
+#[test]
+fn malformed_duration_is_refused() {
+    let yaml = format!("{PIPELINE}  batch:\n    maxWait: 30 seconds\n");
+    assert_refused(
+        &yaml,
+        "spec.batch.maxWait",
+        "invalid duration \"30 seconds\"",
+    );
+}
+
+#[test]
+fn misspelt_field_is_refused_not_dropped() {
+    let yaml = format!("{PIPELINE}  batch:\n    maxRecord: 10\n");
+    assert_refused(&yaml, "spec.batch.maxRecord", "unknown field");
+}
+
+#[test]
+fn wrong_type_names_the_field() {
+    let yaml = format!("{PIPELINE}  batch:\n    maxRecords: many\n");
+    assert_refused(&yaml, "spec.batch.maxRecords", "invalid type");
+}
+
+#[test]
+fn invalid_cel_expression_is_refused_at_validation() {
+    let yaml = format!("{PIPELINE}  filter: 'event.type == '\n");
+    assert_refused(&yaml, "spec.filter", "invalid CEL expression");
+}
+
+#[test]
+fn upsert_key_missing_from_columns_is_refused() {
+    let yaml = PIPELINE.replace("keyColumns: [id]", "keyColumns: [order_id]");
+    assert_refused(
+        &yaml,
+        "spec.sinks[0].postgres.columns",
+        "key column \"order_id\" is missing",
+    );
+}
+
+#[test]
+fn dead_letter_topic_equal_to_source_is_refused() {
+    let yaml = format!("{PIPELINE}  deadLetter:\n    topic: orders\n");
+    assert_refused(&yaml, "spec.deadLetter.topic", "would loop");
+}
+
+#[test]
+fn every_problem_is_reported_not_just_the_first() {
+    let yaml = PIPELINE
+        .replace("topics: [orders]", "topics: []")
+        .replace("table: orders", "table: \"bad table\"")
+        + "  retry:\n    initialBackoff: 1m\n    maxBackoff: 1s\n";
+    let found = problems(&yaml);
+    let paths: Vec<&str> = found.iter().map(|p| p.path.as_str()).collect();
+    for expected in [
+        "spec.source.topics",
+        "spec.sinks[0].postgres.table",
+        "spec.retry.initialBackoff",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "{expected} missing from {paths:?}"
+        );
+    }
+}
+
+#[test]
+fn secrets_are_refused_as_inline_connection_properties() {
+    let yaml = "apiVersion: weir.dev/v1alpha1\nkind: KafkaConnection\nmetadata: {name: c}\nspec:\n  bootstrapServers: [k:9092]\n  properties:\n    sasl.password: hunter2\n";
+    assert_refused(
+        yaml,
+        "spec.properties[\"sasl.password\"]",
+        "passwordSecretRef",
+    );
+    // The refusal names the field, never the value.
+    assert!(
+        problems(yaml)
+            .iter()
+            .all(|p| !p.to_string().contains("hunter2"))
+    );
+}
+
+#[test]
+fn topic_config_values_are_checked() {
+    let yaml = "apiVersion: weir.dev/v1alpha1\nkind: KafkaTopic\nmetadata: {name: t}\nspec:\n  config:\n    retention.ms: 7d\n    cleanup.policy: compacted\n";
+    assert_refused(yaml, "spec.config[\"retention.ms\"]", "must be an integer");
+    assert_refused(yaml, "spec.config[\"cleanup.policy\"]", "compact");
+}
+
+#[test]
+fn unknown_kind_and_api_version_are_refused() {
+    let other_kind =
+        "apiVersion: weir.dev/v1alpha1\nkind: KafkaUser\nmetadata: {name: u}\nspec: {}\n";
+    assert_refused(other_kind, "kind", "not a Weir kind");
+    let other_version = PIPELINE.replace("weir.dev/v1alpha1", "weir.dev/v1");
+    assert_refused(&other_version, "apiVersion", "weir.dev/v1alpha1");
+}
+
+#[test]
+fn defaults_match_the_product_spec() {
+    let Ok(Resource::EventPipeline(pipeline)) = one_from_yaml(PIPELINE) else {
+        panic!("the base pipeline must load");
+    };
+    let spec = &pipeline.spec;
+    assert_eq!(spec.batch.max_records, 1000);
+    assert_eq!(spec.batch.max_bytes, 4 * 1024 * 1024);
+    assert_eq!(
+        spec.batch.max_wait.parse(),
+        Ok(std::time::Duration::from_millis(100))
+    );
+    assert_eq!(
+        spec.retry.initial_backoff.parse(),
+        Ok(std::time::Duration::from_millis(200))
+    );
+    assert_eq!(spec.consumer_group("shop", "p"), "shop.p");
+    assert_eq!(spec.delivery, weir_crds::Delivery::AtLeastOnce);
+}
+
+#[test]
+fn multi_document_files_report_the_failing_document() {
+    let yaml = format!(
+        "{PIPELINE}---\napiVersion: weir.dev/v1alpha1\nkind: KafkaTopic\nmetadata: {{name: t}}\nspec:\n  partitions: lots\n"
+    );
+    let err = from_yaml(&yaml).expect_err("the second document is invalid");
+    assert_eq!(err.document, 2);
+    assert!(err.problems.contains_path("spec.partitions"), "{err}");
+}
