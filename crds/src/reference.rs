@@ -24,6 +24,25 @@ pub struct SecretKeySelector {
     pub key: String,
 }
 
+impl SecretKeySelector {
+    /// The environment variable through which the operator hands this Secret key to the
+    /// worker: `WEIR_SECRET_<NAME>_<KEY>`, upper-cased, every other character `_`.
+    pub fn env_name(&self) -> String {
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        };
+        format!("WEIR_SECRET_{}_{}", clean(&self.name), clean(&self.key))
+    }
+}
+
 /// Where a secret value (a password, a connection URL with credentials) comes from. Set
 /// exactly one: `secretKeyRef` in Kubernetes, `env` or `file` when running the worker
 /// outside Kubernetes. The value itself never appears in the resource or in logs.

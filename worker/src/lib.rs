@@ -1,4 +1,14 @@
-//! Weir's consumer engine. This first version reads and checks pipeline files; the engine
-//! (consume → transform → batch → sink → commit) builds on it.
+//! Weir's consumer engine: consume → filter/transform → batch → sink → commit, with
+//! retries, a dead-letter topic, idempotency and clean shutdown.
 
+pub mod batch;
+pub mod config;
+pub mod dead_letter;
+pub mod engine;
+pub mod metrics;
+pub mod record;
+pub mod retry;
+pub mod sink;
+pub mod source;
 pub mod spec;
+pub mod transform;

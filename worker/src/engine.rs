@@ -1,0 +1,447 @@
+//! The run loop: consume → decode/filter/transform → batch → sinks → dead letters → commit.
+//!
+//! Batches are written one at a time; librdkafka keeps fetching (up to its bounded queue)
+//! while a batch is written. Offsets are committed only after every sink acknowledged the
+//! batch and every refused record is on the dead-letter topic, so a worker killed at any
+//! instant resumes from a point before anything unacknowledged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::batch::{Batch, Limits};
+use crate::config::WorkerConfig;
+use crate::dead_letter::{DeadLetter, Failure};
+use crate::metrics::Metrics;
+use crate::record::Record;
+use crate::retry::{Backoff, ErrorClass};
+use crate::sink::{Rejected, Sink, WriteInput};
+use crate::source::{self, Consumer, Revocations};
+use crate::transform::Transformer;
+
+/// Why the engine stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("sink {sink}: {message}")]
+    Fatal { sink: String, message: String },
+    #[error(
+        "record {topic}/{partition}@{offset} failed permanently ({reason}) and spec.deadLetter is not set: stopping rather than skipping it; set a dead-letter topic or fix the record"
+    )]
+    PoisonWithoutDeadLetter {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        reason: String,
+    },
+    #[error(
+        "stopped while {0} could not be reached; the batch in flight was not committed and will be read again"
+    )]
+    StoppedWhileUnavailable(String),
+}
+
+/// A pipeline being run.
+pub struct Engine {
+    config: WorkerConfig,
+    consumer: Consumer,
+    revocations: Revocations,
+    transformer: Transformer,
+    sinks: Vec<(String, Sink)>,
+    dead_letter: Option<DeadLetter>,
+    backoff: Backoff,
+    batch: Batch,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("pipeline", &self.config.name)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Connects the consumer and builds the sinks; nothing is read until `run`.
+    pub fn new(
+        config: WorkerConfig,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, EngineError> {
+        let transformer = Transformer::from_spec(&config.spec).map_err(EngineError::Setup)?;
+        let sinks =
+            Sink::from_spec(&config.spec, &config.consumer_group()).map_err(EngineError::Setup)?;
+        let dead_letter = config
+            .spec
+            .dead_letter
+            .as_ref()
+            .map(|d| DeadLetter::new(&config.kafka, &d.topic))
+            .transpose()?;
+        let batch = &config.spec.batch;
+        let limits = Limits {
+            max_records: batch.max_records.max(1) as usize,
+            max_bytes: batch.max_bytes.max(1) as usize,
+            max_wait: batch.max_wait.parse().map_err(EngineError::Setup)?,
+        };
+        let backoff = Backoff::from_spec(&config.spec.retry);
+        let (consumer, revocations) = source::consumer(&config)?;
+        Ok(Self {
+            config,
+            consumer,
+            revocations,
+            transformer,
+            sinks,
+            dead_letter,
+            backoff,
+            batch: Batch::new(limits),
+            metrics,
+            shutdown,
+        })
+    }
+
+    /// Runs until shutdown is signalled: then the batch in flight is written and committed
+    /// and the consumer leaves its group.
+    pub async fn run(mut self) -> Result<(), EngineError> {
+        for (name, sink) in &self.sinks {
+            self.retry_unavailable(name, || sink.prepare()).await?;
+        }
+        self.metrics.set_ready(true);
+        tracing::info!(
+            pipeline = %self.config.name,
+            group = %self.config.consumer_group(),
+            topics = ?self.config.spec.source.topics,
+            "consuming"
+        );
+        let result = self.consume().await;
+        // Finish the batch in flight, commit, leave the group, whatever stopped the loop.
+        let flushed = match result {
+            Ok(()) => self.flush().await,
+            Err(e) => Err(e),
+        };
+        self.consumer.unsubscribe();
+        for (_, sink) in &self.sinks {
+            sink.close().await;
+        }
+        flushed
+    }
+
+    async fn consume(&mut self) -> Result<(), EngineError> {
+        loop {
+            if *self.shutdown.borrow() {
+                return Ok(());
+            }
+            let deadline = self.batch.deadline();
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.flush().await?;
+                }
+                message = self.consumer.recv() => {
+                    match message {
+                        Ok(message) => {
+                            let record = source::owned(&message);
+                            drop(message);
+                            Metrics::add(&self.metrics.consumed, 1);
+                            self.batch.push(record);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "consumer error; retrying"),
+                    }
+                    self.forget_revoked();
+                    if self.batch.is_full() {
+                        self.flush().await?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn forget_revoked(&mut self) {
+        let revoked = self.revocations.take();
+        if !revoked.is_empty() {
+            let dropped = self.batch.forget_partitions(&revoked);
+            if dropped > 0 {
+                tracing::info!(
+                    dropped,
+                    "unwritten records of revoked partitions left to their new owner"
+                );
+            }
+        }
+    }
+
+    /// Writes the batch to every sink, dead-letters what was refused, commits.
+    async fn flush(&mut self) -> Result<(), EngineError> {
+        self.forget_revoked();
+        let records = self.batch.take();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let span =
+            tracing::info_span!("batch", pipeline = %self.config.name, records = records.len());
+        self.write_batch(records).instrument(span).await
+    }
+
+    async fn write_batch(&mut self, records: Vec<Record>) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let format = self.config.spec.source.format;
+        let mut failures: BTreeMap<usize, Failure> = BTreeMap::new();
+        let mut events: Vec<(usize, Value)> = Vec::with_capacity(records.len());
+        let now = SystemTime::now();
+        for (index, record) in records.iter().enumerate() {
+            let outcome = record
+                .decode(format)
+                .map_err(|e| format!("decode: {e}"))
+                .and_then(|event| {
+                    self.transformer
+                        .apply(record, event)
+                        .map_err(|e| format!("transform: {e}"))
+                });
+            match outcome {
+                Ok(Some(event)) => events.push((index, event)),
+                Ok(None) => Metrics::add(&self.metrics.filtered, 1),
+                Err(reason) => {
+                    failures.insert(
+                        index,
+                        Failure {
+                            class: ErrorClass::Permanent,
+                            reason,
+                            attempts: 1,
+                            first_failure: now,
+                        },
+                    );
+                }
+            }
+        }
+
+        for i in 0..self.sinks.len() {
+            let input: Vec<WriteInput<'_>> = events
+                .iter()
+                .filter(|(index, _)| !failures.contains_key(index))
+                .map(|(index, event)| WriteInput {
+                    index: *index,
+                    record: &records[*index],
+                    event,
+                })
+                .collect();
+            if input.is_empty() {
+                continue;
+            }
+            let rejected = self.write_with_retries(i, &input).await?;
+            for Rejected {
+                index,
+                class,
+                reason,
+            } in rejected
+            {
+                let sink = &self.sinks[i].0;
+                failures.entry(index).or_insert(Failure {
+                    class,
+                    reason: format!("sink {sink}: {reason}"),
+                    attempts: 1,
+                    first_failure: SystemTime::now(),
+                });
+            }
+        }
+
+        if !failures.is_empty() {
+            self.dead_letter_all(&records, &failures).await?;
+        }
+        let written = events
+            .iter()
+            .filter(|(i, _)| !failures.contains_key(i))
+            .count();
+        Metrics::add(&self.metrics.written, written);
+        self.commit(&records);
+        self.metrics
+            .observe_batch(records.len(), started.elapsed().as_secs_f64());
+        tracing::debug!(
+            pipeline = %self.config.name,
+            records = records.len(),
+            written,
+            dead_lettered = failures.len(),
+            millis = started.elapsed().as_millis() as u64,
+            "batch committed"
+        );
+        Ok(())
+    }
+
+    /// One sink's write with the retry policy: unavailable destinations are retried without
+    /// limit (the worker reports not-ready), transient failures up to `retry.attempts` tries
+    /// (then every record of the write is refused), fatal ones stop the pipeline.
+    async fn write_with_retries(
+        &mut self,
+        sink_index: usize,
+        input: &[WriteInput<'_>],
+    ) -> Result<Vec<Rejected>, EngineError> {
+        let mut attempt = 1u32;
+        loop {
+            let (name, sink) = &mut self.sinks[sink_index];
+            match sink.write(input).await {
+                Ok(rejected) => {
+                    self.metrics.set_ready(true);
+                    return Ok(rejected);
+                }
+                Err(e) => match e.class {
+                    ErrorClass::Fatal => {
+                        return Err(EngineError::Fatal {
+                            sink: name.clone(),
+                            message: e.message,
+                        });
+                    }
+                    ErrorClass::Transient | ErrorClass::Permanent
+                        if attempt >= self.backoff.attempts =>
+                    {
+                        tracing::warn!(sink = %name, attempts = attempt, error = %e.message, "giving up on this write");
+                        return Ok(input
+                            .iter()
+                            .map(|item| Rejected {
+                                index: item.index,
+                                class: ErrorClass::Transient,
+                                reason: format!("{} (after {attempt} attempts)", e.message),
+                            })
+                            .collect());
+                    }
+                    class => {
+                        if class == ErrorClass::Unavailable {
+                            self.metrics.set_ready(false);
+                        }
+                        let name = name.clone();
+                        tracing::warn!(sink = %name, attempt, class = class.as_str(), error = %e.message, "write failed; retrying");
+                        Metrics::add(&self.metrics.retries, 1);
+                        self.pause(attempt, &name).await?;
+                        attempt += 1;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Waits out the backoff for `attempt`, unless shutdown is asked for.
+    async fn pause(&mut self, attempt: u32, what: &str) -> Result<(), EngineError> {
+        let delay = self.backoff.delay(attempt, fastrand::f64());
+        let mut shutdown = self.shutdown.clone();
+        if *shutdown.borrow() {
+            return Err(EngineError::StoppedWhileUnavailable(what.to_owned()));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = shutdown.changed() => Err(EngineError::StoppedWhileUnavailable(what.to_owned())),
+        }
+    }
+
+    async fn retry_unavailable<F, Fut>(&self, name: &str, mut op: F) -> Result<(), EngineError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), crate::sink::SinkError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.class == ErrorClass::Fatal => {
+                    return Err(EngineError::Fatal {
+                        sink: name.to_owned(),
+                        message: e.message,
+                    });
+                }
+                Err(e) => {
+                    self.metrics.set_ready(false);
+                    tracing::warn!(sink = %name, attempt, error = %e.message, "sink not ready; retrying");
+                    let delay = self.backoff.delay(attempt, fastrand::f64());
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return Err(EngineError::StoppedWhileUnavailable(name.to_owned())),
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn dead_letter_all(
+        &mut self,
+        records: &[Record],
+        failures: &BTreeMap<usize, Failure>,
+    ) -> Result<(), EngineError> {
+        Metrics::add(&self.metrics.failed, failures.len());
+        let Some(dead_letter) = self.dead_letter.clone() else {
+            let Some((index, failure)) = failures.iter().next() else {
+                return Ok(());
+            };
+            let record = &records[*index];
+            return Err(EngineError::PoisonWithoutDeadLetter {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                reason: failure.reason.clone(),
+            });
+        };
+        for (index, failure) in failures {
+            let record = &records[*index];
+            tracing::warn!(
+                topic = %record.topic, partition = record.partition, offset = record.offset,
+                class = failure.class.as_str(), reason = %failure.reason,
+                dead_letter = %dead_letter.topic(), "record dead-lettered"
+            );
+            let mut attempt = 1;
+            loop {
+                match dead_letter.send(record, failure).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.metrics.set_ready(false);
+                        tracing::warn!(error = %e, attempt, "dead-letter produce failed; retrying");
+                        Metrics::add(&self.metrics.retries, 1);
+                        self.pause(attempt, "the dead-letter topic").await?;
+                        attempt += 1;
+                    }
+                }
+            }
+            Metrics::add(&self.metrics.dead_lettered, 1);
+        }
+        Ok(())
+    }
+
+    /// Commits, per partition, the offset after the batch's last record.
+    fn commit(&self, records: &[Record]) {
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for record in records {
+            let entry = next
+                .entry((record.topic.as_str(), record.partition))
+                .or_insert(0);
+            *entry = (*entry).max(record.offset + 1);
+        }
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), offset) in &next {
+            if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+                tracing::warn!(error = %e, "cannot build the commit");
+            }
+        }
+        // A failed commit (e.g. the partition moved in a rebalance) is not a loss: the
+        // records were applied and the next owner reads them again (at-least-once).
+        match self.consumer.commit(&list, CommitMode::Sync) {
+            Ok(()) => Metrics::add(&self.metrics.commits, 1),
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; records will be read again")
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

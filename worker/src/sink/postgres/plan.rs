@@ -1,0 +1,505 @@
+//! Turning a batch of events into as few SQL statements as possible while keeping the
+//! result identical to applying the events one by one, in order.
+//!
+//! Upsert, Delete and Rules fold the events of each key into at most two operations
+//! (`[op]`, `[Delete, Upsert]` or `[Update, Upsert]`), then group the operations of all
+//! keys by action and column set: one statement per group. Per-key order is kept because a
+//! key's second operation runs in a later round than its first; different keys touch
+//! different rows, so their relative order does not matter. Insert keeps every row.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+use weir_crds::{Column, ColumnType, RuleAction, SqlSink, WriteMode};
+
+use crate::record::field;
+
+/// What a rule or mode does to one row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    Insert,
+    Upsert,
+    Update,
+    Delete,
+}
+
+/// One event to plan: its position in the batch and, for Rules, the action chosen and the
+/// columns that rule writes.
+#[derive(Debug)]
+pub struct Step<'a> {
+    pub index: usize,
+    pub event: &'a Value,
+    pub action: Action,
+    pub columns: &'a [Column],
+}
+
+/// The text value of every column of one row (`None` is SQL NULL).
+pub type Row = Vec<Option<String>>;
+
+/// One statement: an action over rows that all set the same columns.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Group {
+    pub action: Action,
+    /// Column names and types, key columns first.
+    pub columns: Vec<(String, ColumnType)>,
+    pub rows: Vec<Row>,
+    /// Batch positions of the events that went into this group.
+    pub sources: Vec<usize>,
+}
+
+/// The statements for one batch, to run in order, and the events refused while planning.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub groups: Vec<Group>,
+    /// (batch position, reason): a key or value that cannot be mapped.
+    pub rejected: Vec<(usize, String)>,
+}
+
+/// Pending effect on one key's row, with the values each column takes.
+#[derive(Clone, Debug)]
+enum Op {
+    Upsert(BTreeMap<String, (ColumnType, Option<String>)>, Vec<usize>),
+    Update(BTreeMap<String, (ColumnType, Option<String>)>, Vec<usize>),
+    Delete(Vec<usize>),
+}
+
+/// Builds the plan for `steps` in batch order.
+pub fn plan(sink: &SqlSink, steps: &[Step<'_>]) -> Plan {
+    let mut plan = Plan::default();
+    if sink.mode == WriteMode::Insert {
+        plan_inserts(sink, steps, &mut plan);
+        return plan;
+    }
+    let key_types: HashMap<&str, ColumnType> = steps
+        .iter()
+        .flat_map(|s| s.columns.iter())
+        .chain(sink.columns.iter())
+        .filter(|c| sink.key_columns.contains(&c.name))
+        .map(|c| (c.name.as_str(), c.type_))
+        .collect();
+    // Per key (the key columns' values), its folded operations, in first-seen key order.
+    let mut order: Vec<Vec<Option<String>>> = Vec::new();
+    let mut folded: HashMap<Vec<Option<String>>, Vec<Op>> = HashMap::new();
+    for step in steps {
+        let values = match row_values(step.event, step.columns) {
+            Ok(values) => values,
+            Err(reason) => {
+                plan.rejected.push((step.index, reason));
+                continue;
+            }
+        };
+        let mut key = Vec::with_capacity(sink.key_columns.len());
+        let mut missing = None;
+        for name in &sink.key_columns {
+            match values.get(name.as_str()) {
+                Some((_, Some(v))) => key.push(Some(v.clone())),
+                _ => missing = Some(name.clone()),
+            }
+        }
+        if let Some(name) = missing {
+            let from = step
+                .columns
+                .iter()
+                .find(|c| c.name == name)
+                .map(column_path)
+                .unwrap_or_else(|| format!("event.{name}"));
+            plan.rejected.push((
+                step.index,
+                format!("key column {name:?} has no value: field {from} is missing or null"),
+            ));
+            continue;
+        }
+        let op = match step.action {
+            Action::Upsert | Action::Insert => Op::Upsert(values, vec![step.index]),
+            Action::Update => Op::Update(values, vec![step.index]),
+            Action::Delete => Op::Delete(vec![step.index]),
+        };
+        let ops = folded.entry(key.clone()).or_insert_with(|| {
+            order.push(key);
+            Vec::new()
+        });
+        fold(ops, op);
+    }
+    // Round r holds the r-th operation of every key.
+    let mut rounds: [BTreeMap<(Action, Vec<String>), Group>; 2] =
+        [BTreeMap::new(), BTreeMap::new()];
+    for key in order {
+        let Some(ops) = folded.remove(&key) else {
+            continue;
+        };
+        for (round, op) in ops.into_iter().enumerate() {
+            let (action, values, sources) = match op {
+                Op::Upsert(values, sources) => (Action::Upsert, values, sources),
+                Op::Update(values, sources) => (Action::Update, values, sources),
+                Op::Delete(sources) => {
+                    let values = sink
+                        .key_columns
+                        .iter()
+                        .zip(&key)
+                        .map(|(name, v)| {
+                            let type_ = key_types.get(name.as_str()).copied().unwrap_or_default();
+                            (name.clone(), (type_, v.clone()))
+                        })
+                        .collect();
+                    (Action::Delete, values, sources)
+                }
+            };
+            // Key columns first, then the rest in name order.
+            let mut columns: Vec<(String, ColumnType)> = sink
+                .key_columns
+                .iter()
+                .filter_map(|k| values.get(k).map(|(t, _)| (k.clone(), *t)))
+                .collect();
+            columns.extend(
+                values
+                    .iter()
+                    .filter(|(name, _)| !sink.key_columns.contains(name))
+                    .map(|(name, (t, _))| (name.clone(), *t)),
+            );
+            let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
+            let row: Row = names
+                .iter()
+                .map(|n| values.get(n).and_then(|(_, v)| v.clone()))
+                .collect();
+            let group = rounds[round.min(1)]
+                .entry((action, names))
+                .or_insert_with(|| Group {
+                    action,
+                    columns,
+                    rows: Vec::new(),
+                    sources: Vec::new(),
+                });
+            group.rows.push(row);
+            group.sources.extend(sources);
+        }
+    }
+    for round in rounds {
+        // Within a round: deletes, then upserts, then updates (each key appears once).
+        let mut groups: Vec<Group> = round.into_values().collect();
+        groups.sort_by_key(|g| match g.action {
+            Action::Delete => 0,
+            Action::Insert | Action::Upsert => 1,
+            Action::Update => 2,
+        });
+        plan.groups.extend(groups);
+    }
+    plan
+}
+
+/// Adds `op` to a key's pending operations, merging where the result is exactly that of
+/// applying them in sequence.
+fn fold(ops: &mut Vec<Op>, op: Op) {
+    let last = ops.pop();
+    let merged = match (last, op) {
+        (None, op) => vec![op],
+        // A delete makes everything before it irrelevant.
+        (Some(prev), Op::Delete(mut s)) => {
+            let mut sources = sources_of(&std::mem::take(ops));
+            sources.extend(sources_of(std::slice::from_ref(&prev)));
+            sources.append(&mut s);
+            vec![Op::Delete(sources)]
+        }
+        // Updating a deleted row does nothing.
+        (Some(Op::Delete(mut s)), Op::Update(_, mut t)) => {
+            s.append(&mut t);
+            vec![Op::Delete(s)]
+        }
+        (Some(Op::Delete(s)), Op::Upsert(v, t)) => vec![Op::Delete(s), Op::Upsert(v, t)],
+        // After an upsert the row exists: later writes set their columns on it.
+        (Some(Op::Upsert(mut a, mut s)), Op::Upsert(b, mut t) | Op::Update(b, mut t)) => {
+            a.extend(b);
+            s.append(&mut t);
+            vec![Op::Upsert(a, s)]
+        }
+        (Some(Op::Update(mut a, mut s)), Op::Update(b, mut t)) => {
+            a.extend(b);
+            s.append(&mut t);
+            vec![Op::Update(a, s)]
+        }
+        // An update of a row that may not exist, then an upsert: both must run.
+        (Some(prev @ Op::Update(..)), op @ Op::Upsert(..)) => vec![prev, op],
+    };
+    ops.extend(merged);
+}
+
+fn sources_of(ops: &[Op]) -> Vec<usize> {
+    ops.iter()
+        .flat_map(|op| match op {
+            Op::Upsert(_, s) | Op::Update(_, s) | Op::Delete(s) => s.clone(),
+        })
+        .collect()
+}
+
+fn plan_inserts(sink: &SqlSink, steps: &[Step<'_>], plan: &mut Plan) {
+    let mut group = Group {
+        action: Action::Insert,
+        columns: sink
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.type_))
+            .collect(),
+        rows: Vec::with_capacity(steps.len()),
+        sources: Vec::with_capacity(steps.len()),
+    };
+    for step in steps {
+        match row_values(step.event, &sink.columns) {
+            Ok(values) => {
+                group.rows.push(
+                    sink.columns
+                        .iter()
+                        .map(|c| values.get(c.name.as_str()).and_then(|(_, v)| v.clone()))
+                        .collect(),
+                );
+                group.sources.push(step.index);
+            }
+            Err(reason) => plan.rejected.push((step.index, reason)),
+        }
+    }
+    if !group.rows.is_empty() {
+        plan.groups.push(group);
+    }
+}
+
+type Values = BTreeMap<String, (ColumnType, Option<String>)>;
+
+/// The text value of each column for one event.
+fn row_values(event: &Value, columns: &[Column]) -> Result<Values, String> {
+    let mut values = BTreeMap::new();
+    for column in columns {
+        let path = column_path(column);
+        let text = match field(event, &path) {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(
+                to_text(value, column.type_)
+                    .map_err(|e| format!("column {:?} from {path}: {e}", column.name))?,
+            ),
+        };
+        values.insert(column.name.clone(), (column.type_, text));
+    }
+    Ok(values)
+}
+
+fn column_path(column: &Column) -> String {
+    column
+        .from
+        .clone()
+        .unwrap_or_else(|| format!("event.{}", column.name))
+}
+
+/// The SQL text form of a JSON value for a column type; PostgreSQL casts it.
+fn to_text(value: &Value, type_: ColumnType) -> Result<String, String> {
+    match (value, type_) {
+        (value, ColumnType::Jsonb) => Ok(value.to_string()),
+        (Value::String(s), _) => Ok(s.clone()),
+        (
+            Value::Number(n),
+            ColumnType::Text | ColumnType::Integer | ColumnType::Bigint | ColumnType::Numeric,
+        ) => Ok(n.to_string()),
+        (Value::Bool(b), ColumnType::Boolean | ColumnType::Text) => Ok(b.to_string()),
+        (other, type_) => Err(format!(
+            "a JSON {} does not fit a {type_:?} column",
+            match other {
+                Value::Object(_) => "object",
+                Value::Array(_) => "array",
+                Value::Bool(_) => "boolean",
+                Value::Number(_) => "number",
+                _ => "value",
+            }
+        )),
+    }
+}
+
+/// The action a rule chooses, as a plan action.
+pub fn rule_action(action: RuleAction) -> Action {
+    match action {
+        RuleAction::Upsert => Action::Upsert,
+        RuleAction::Update => Action::Update,
+        RuleAction::Delete => Action::Delete,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn col(name: &str, from: &str, type_: ColumnType) -> Column {
+        Column {
+            name: name.into(),
+            from: Some(from.into()),
+            type_,
+        }
+    }
+
+    fn sink(mode: WriteMode) -> SqlSink {
+        SqlSink {
+            table: "todos".into(),
+            mode,
+            key_columns: vec!["id".into()],
+            columns: vec![
+                col("id", "event.id", ColumnType::Bigint),
+                col("title", "event.title", ColumnType::Text),
+            ],
+            ..SqlSink::default()
+        }
+    }
+
+    fn steps<'a>(sink: &'a SqlSink, events: &'a [(Action, Value)]) -> Vec<Step<'a>> {
+        events
+            .iter()
+            .enumerate()
+            .map(|(index, (action, event))| Step {
+                index,
+                event,
+                action: *action,
+                columns: &sink.columns,
+            })
+            .collect()
+    }
+
+    fn summary(plan: &Plan) -> Vec<(Action, Vec<Row>)> {
+        plan.groups
+            .iter()
+            .map(|g| (g.action, g.rows.clone()))
+            .collect()
+    }
+
+    fn row(values: &[Option<&str>]) -> Row {
+        values.iter().map(|v| v.map(str::to_owned)).collect()
+    }
+
+    #[test]
+    fn upserts_of_one_key_fold_into_the_last_values() {
+        let s = sink(WriteMode::Upsert);
+        let events = [
+            (Action::Upsert, json!({"id": 1, "title": "a"})),
+            (Action::Upsert, json!({"id": 2, "title": "b"})),
+            (Action::Upsert, json!({"id": 1, "title": "c"})),
+        ];
+        let plan = plan(&s, &steps(&s, &events));
+        assert_eq!(
+            summary(&plan),
+            vec![(
+                Action::Upsert,
+                vec![row(&[Some("1"), Some("c")]), row(&[Some("2"), Some("b")])]
+            )]
+        );
+        assert_eq!(plan.groups[0].sources, vec![0, 2, 1]);
+    }
+
+    #[test]
+    fn delete_then_create_keeps_both_in_order() {
+        let s = sink(WriteMode::Rules);
+        let events = [
+            (Action::Upsert, json!({"id": 1, "title": "a"})),
+            (Action::Delete, json!({"id": 1})),
+            (Action::Upsert, json!({"id": 1, "title": "again"})),
+        ];
+        let plan = plan(&s, &steps(&s, &events));
+        assert_eq!(
+            summary(&plan),
+            vec![
+                (Action::Delete, vec![row(&[Some("1")])]),
+                (Action::Upsert, vec![row(&[Some("1"), Some("again")])]),
+            ]
+        );
+    }
+
+    #[test]
+    fn update_after_delete_is_dropped_and_update_after_upsert_merges() {
+        let s = sink(WriteMode::Rules);
+        let title_only = [
+            col("id", "event.id", ColumnType::Bigint),
+            col("title", "event.title", ColumnType::Text),
+        ];
+        let events = [
+            json!({"id": 1, "title": "a"}),
+            json!({"id": 1}),
+            json!({"id": 1, "title": "late"}),
+            json!({"id": 2, "title": "b"}),
+            json!({"id": 2, "title": "b2"}),
+        ];
+        let actions = [
+            Action::Upsert,
+            Action::Delete,
+            Action::Update,
+            Action::Upsert,
+            Action::Update,
+        ];
+        let steps: Vec<Step<'_>> = events
+            .iter()
+            .zip(actions)
+            .enumerate()
+            .map(|(index, (event, action))| Step {
+                index,
+                event,
+                action,
+                columns: &title_only,
+            })
+            .collect();
+        let plan = plan(&s, &steps);
+        assert_eq!(
+            summary(&plan),
+            vec![
+                (Action::Delete, vec![row(&[Some("1")])]),
+                (Action::Upsert, vec![row(&[Some("2"), Some("b2")])]),
+            ]
+        );
+    }
+
+    #[test]
+    fn update_before_upsert_runs_both() {
+        let s = sink(WriteMode::Rules);
+        let events = [
+            (Action::Update, json!({"id": 1, "title": "maybe"})),
+            (Action::Upsert, json!({"id": 1, "title": "sure"})),
+        ];
+        let plan = plan(&s, &steps(&s, &events));
+        assert_eq!(
+            summary(&plan),
+            vec![
+                (Action::Update, vec![row(&[Some("1"), Some("maybe")])]),
+                (Action::Upsert, vec![row(&[Some("1"), Some("sure")])]),
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_key_and_misfit_values_are_rejected_with_reasons() {
+        let s = sink(WriteMode::Upsert);
+        let events = [
+            (Action::Upsert, json!({"title": "no id"})),
+            (Action::Upsert, json!({"id": {"nested": 1}, "title": "x"})),
+            (Action::Upsert, json!({"id": 3, "title": "ok"})),
+        ];
+        let plan = plan(&s, &steps(&s, &events));
+        assert_eq!(plan.rejected.len(), 2);
+        assert!(
+            plan.rejected[0]
+                .1
+                .contains("key column \"id\" has no value"),
+            "{:?}",
+            plan.rejected
+        );
+        assert!(
+            plan.rejected[1].1.contains("object does not fit"),
+            "{:?}",
+            plan.rejected
+        );
+        assert_eq!(
+            summary(&plan),
+            vec![(Action::Upsert, vec![row(&[Some("3"), Some("ok")])])]
+        );
+    }
+
+    #[test]
+    fn inserts_keep_every_row() {
+        let s = sink(WriteMode::Insert);
+        let events = [
+            (Action::Insert, json!({"id": 1, "title": "a"})),
+            (Action::Insert, json!({"id": 1, "title": "a"})),
+        ];
+        let plan = plan(&s, &steps(&s, &events));
+        assert_eq!(plan.groups[0].rows.len(), 2);
+    }
+}

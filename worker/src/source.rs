@@ -1,0 +1,129 @@
+//! The Kafka consumer: the pipeline's group, manual offsets, cooperative rebalancing, and a
+//! bounded prefetch so memory stays flat however large the lag.
+
+use std::sync::{Arc, Mutex};
+
+use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientContext, TopicPartitionList};
+use weir_crds::StartPosition;
+
+use crate::config::WorkerConfig;
+use crate::record::Record;
+
+/// Partitions taken away from this worker, noted by the rebalance callback (which runs
+/// inside the consumer's poll, on the engine's task) for the engine to act on.
+#[derive(Clone, Debug, Default)]
+pub struct Revocations(Arc<Mutex<Vec<(String, i32)>>>);
+
+impl Revocations {
+    pub fn take(&self) -> Vec<(String, i32)> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+}
+
+/// Records revocations; librdkafka does the (incremental) assignment itself.
+#[derive(Debug, Default)]
+pub struct SourceContext {
+    revocations: Revocations,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                let revoked = list(partitions);
+                tracing::info!(partitions = ?revoked, "partitions revoked");
+                if let Ok(mut pending) = self.revocations.0.lock() {
+                    pending.extend(revoked);
+                }
+            }
+            Rebalance::Assign(partitions) => {
+                tracing::info!(partitions = ?list(partitions), "partitions assigned");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+fn list(partitions: &TopicPartitionList) -> Vec<(String, i32)> {
+    partitions
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+pub type Consumer = StreamConsumer<SourceContext>;
+
+/// A consumer in the pipeline's group, subscribed to its topics.
+pub fn consumer(
+    config: &WorkerConfig,
+) -> Result<(Consumer, Revocations), rdkafka::error::KafkaError> {
+    let context = SourceContext::default();
+    let revocations = context.revocations.clone();
+    let reset = match config.spec.source.start_position {
+        StartPosition::Earliest => "earliest",
+        StartPosition::Latest => "latest",
+    };
+    let consumer: Consumer = config
+        .kafka
+        .clone()
+        .set("group.id", config.consumer_group())
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", reset)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // Bounded prefetch: librdkafka stops fetching when this much is queued, which is
+        // how backpressure reaches the broker without the engine buffering anything.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.max.bytes", "8388608")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        .create_with_context(context)?;
+    let topics: Vec<&str> = config
+        .spec
+        .source
+        .topics
+        .iter()
+        .map(String::as_str)
+        .collect();
+    rdkafka::consumer::Consumer::subscribe(&consumer, &topics)?;
+    Ok((consumer, revocations))
+}
+
+/// Copies a message out of the consumer's buffers.
+pub fn owned(message: &BorrowedMessage<'_>) -> Record {
+    let headers = message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec),
+        timestamp: message.timestamp().to_millis(),
+        headers,
+    }
+}

@@ -1,0 +1,222 @@
+//! CEL expressions over an event: the pipeline's filter and transform, and the sinks'
+//! conditions. Variables: `event` (the decoded value), `key`, `headers`, `topic`,
+//! `partition`, `offset`, `timestamp` (milliseconds since the epoch).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::Value;
+use weir_crds::EventPipelineSpec;
+
+use crate::record::Record;
+
+/// A compiled CEL expression and its source, for error messages.
+pub struct Expression {
+    source: String,
+    program: cel::Program,
+}
+
+impl fmt::Debug for Expression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Expression").field(&self.source).finish()
+    }
+}
+
+impl Expression {
+    pub fn compile(source: &str) -> Result<Self, String> {
+        let program = cel::Program::compile(source)
+            .map_err(|e| format!("invalid CEL expression {source:?}: {e}"))?;
+        Ok(Self {
+            source: source.to_owned(),
+            program,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluates to a JSON value.
+    pub fn eval(&self, context: &cel::Context<'_, '_>) -> Result<Value, String> {
+        let value = self
+            .program
+            .execute(context)
+            .map_err(|e| format!("{:?} failed: {e}", self.source))?;
+        value
+            .json()
+            .map_err(|e| format!("{:?} gave a value JSON cannot hold: {e:?}", self.source))
+    }
+
+    /// Evaluates a condition; anything but `true` or `false` is an error.
+    pub fn eval_bool(&self, context: &cel::Context<'_, '_>) -> Result<bool, String> {
+        match self.program.execute(context) {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!(
+                "{:?} must be true or false, got {other:?}",
+                self.source
+            )),
+            // A condition over a field this event lacks does not hold.
+            Err(cel::ExecutionError::NoSuchKey(_)) => Ok(false),
+            Err(e) => Err(format!("{:?} failed: {e}", self.source)),
+        }
+    }
+}
+
+/// The variables an expression sees for one record.
+pub fn context<'a>(record: &Record, event: &Value) -> Result<cel::Context<'a, 'a>, String> {
+    let mut context = cel::Context::default();
+    let headers: BTreeMap<String, String> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+        .collect();
+    let add = |context: &mut cel::Context<'a, 'a>, name: &str, value: Value| {
+        context
+            .add_variable(name, value)
+            .map_err(|e| format!("cannot expose {name} to CEL: {e}"))
+    };
+    add(&mut context, "event", event.clone())?;
+    add(
+        &mut context,
+        "key",
+        record.key_text().map_or(Value::Null, Value::String),
+    )?;
+    add(&mut context, "headers", serde_json::json!(headers))?;
+    add(&mut context, "topic", Value::String(record.topic.clone()))?;
+    add(&mut context, "partition", Value::from(record.partition))?;
+    add(&mut context, "offset", Value::from(record.offset))?;
+    add(
+        &mut context,
+        "timestamp",
+        record.timestamp.map_or(Value::Null, Value::from),
+    )?;
+    Ok(context)
+}
+
+/// The pipeline's filter and transform.
+#[derive(Debug, Default)]
+pub struct Transformer {
+    filter: Option<Expression>,
+    set: Vec<(String, Expression)>,
+    remove: Vec<String>,
+}
+
+impl Transformer {
+    pub fn from_spec(spec: &EventPipelineSpec) -> Result<Self, String> {
+        let filter = spec
+            .filter
+            .as_deref()
+            .map(Expression::compile)
+            .transpose()?;
+        let (set, remove) = match &spec.transform {
+            Some(t) => (
+                t.set
+                    .iter()
+                    .map(|(field, source)| Ok((field.clone(), Expression::compile(source)?)))
+                    .collect::<Result<Vec<_>, String>>()?,
+                t.remove.clone(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        Ok(Self {
+            filter,
+            set,
+            remove,
+        })
+    }
+
+    /// Whether there is anything to do (the common case has neither filter nor transform).
+    pub fn is_identity(&self) -> bool {
+        self.filter.is_none() && self.set.is_empty() && self.remove.is_empty()
+    }
+
+    /// `Ok(None)` when the filter drops the event; `Err` makes the record a poison record.
+    pub fn apply(&self, record: &Record, event: Value) -> Result<Option<Value>, String> {
+        if self.is_identity() {
+            return Ok(Some(event));
+        }
+        let context = context(record, &event)?;
+        if let Some(filter) = &self.filter
+            && !filter.eval_bool(&context)?
+        {
+            return Ok(None);
+        }
+        if self.set.is_empty() && self.remove.is_empty() {
+            return Ok(Some(event));
+        }
+        let Value::Object(mut fields) = event else {
+            return Err("transform needs the event to be a JSON object".into());
+        };
+        let mut computed = Vec::with_capacity(self.set.len());
+        for (field, expression) in &self.set {
+            computed.push((field.clone(), expression.eval(&context)?));
+        }
+        for (field, value) in computed {
+            fields.insert(field, value);
+        }
+        for field in &self.remove {
+            fields.remove(field);
+        }
+        Ok(Some(Value::Object(fields)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record() -> Record {
+        Record {
+            topic: "users".into(),
+            partition: 2,
+            offset: 41,
+            key: Some(b"u1".to_vec()),
+            payload: None,
+            timestamp: Some(1_700_000_000_000),
+            headers: vec![("source".into(), b"csv".to_vec())],
+        }
+    }
+
+    fn pipeline(extra: &str) -> EventPipelineSpec {
+        let yaml = format!(
+            "source: {{topics: [t]}}\nsinks: [{{postgres: {{urlFrom: {{env: X}}, table: t, columns: [{{name: a, type: text}}]}}}}]\n{extra}"
+        );
+        serde_yaml_ng::from_str(&yaml).expect("test spec parses")
+    }
+
+    #[test]
+    fn filter_drops_and_keeps() {
+        let t = Transformer::from_spec(&pipeline(
+            "filter: event.type != 'Heartbeat' && topic == 'users'",
+        ))
+        .expect("compiles");
+        assert_eq!(t.apply(&record(), json!({"type": "Heartbeat"})), Ok(None));
+        assert_eq!(
+            t.apply(&record(), json!({"type": "Created"})),
+            Ok(Some(json!({"type": "Created"})))
+        );
+    }
+
+    #[test]
+    fn transform_sets_and_removes_fields_with_record_variables() {
+        let t = Transformer::from_spec(&pipeline(
+            "transform:\n  set:\n    where: topic + '/' + string(partition) + '/' + string(offset)\n    who: key\n    from: headers.source\n  remove: [password]",
+        ))
+        .expect("compiles");
+        let out = t
+            .apply(&record(), json!({"email": "a@b", "password": "secret"}))
+            .expect("applies")
+            .expect("kept");
+        assert_eq!(
+            out,
+            json!({"email": "a@b", "where": "users/2/41", "who": "u1", "from": "csv"})
+        );
+    }
+
+    #[test]
+    fn a_failing_expression_is_an_error_not_a_panic() {
+        let t = Transformer::from_spec(&pipeline("filter: event.count > 'x'")).expect("compiles");
+        assert!(t.apply(&record(), json!({"count": 1})).is_err());
+    }
+}

@@ -1,0 +1,257 @@
+//! Running the real `weir-worker` binary as a process against the harness's real Kafka
+//! broker and PostgreSQL, as it runs in a pod.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+use weir_testkit::{TestKafka, free_port, unique_name};
+
+pub const DEADLINE: Duration = Duration::from_secs(90);
+
+/// A worker process. Killed when dropped.
+pub struct Worker {
+    child: Child,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    /// Starts `weir-worker run` on `pipeline` (an EventPipeline document as JSON).
+    pub fn start(
+        dir: &Path,
+        kafka: &TestKafka,
+        pipeline: &Value,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Worker> {
+        let file = dir.join(format!("{}.yaml", unique_name("pipeline")));
+        std::fs::write(&file, serde_yaml_ng::to_string(pipeline)?)?;
+        let metrics_port = free_port("worker")?;
+        let log = dir.join(format!("{}.log", unique_name("worker")));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_weir-worker"))
+            .args(["run", "-f"])
+            .arg(&file)
+            .args(["--bootstrap-servers", kafka.bootstrap()])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--log-format", "text"])
+            .env("RUST_LOG", "info,weir_worker=debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        Ok(Worker {
+            child,
+            metrics_port,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -s {signal} failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit, failing after `deadline`.
+    pub fn wait(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                start.elapsed() < deadline,
+                "worker still running after {deadline:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of a counter on /metrics, if the server answers.
+    pub fn metric(&self, name: &str) -> Option<u64> {
+        let text = http_get(self.metrics_port, "/metrics")?;
+        text.lines()
+            .find(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The status code of /readyz.
+    pub fn readyz(&self) -> Option<u16> {
+        let text = http_get(self.metrics_port, "/readyz")?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, failing after `deadline` with `what`.
+pub fn wait_until<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        anyhow::ensure!(
+            start.elapsed() < deadline,
+            "{what} not reached within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Produces `(key, value)` records in order and waits for every acknowledgement.
+pub async fn produce(
+    kafka: &TestKafka,
+    topic: &str,
+    records: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = kafka.producer()?;
+    let mut pending = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        pending.push(
+            producer
+                .send_result(FutureRecord::to(topic).key(key).payload(value))
+                .map_err(|(e, _)| e)?,
+        );
+    }
+    for delivery in pending {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// The sum of the group's committed offsets on `topic`.
+pub fn committed_total(kafka: &TestKafka, group: &str, topic: &str) -> anyhow::Result<i64> {
+    Ok(kafka.committed_offsets(group, topic)?.values().sum())
+}
+
+/// Waits until the group has committed `total` offsets on `topic` (every record handled).
+pub fn wait_committed(
+    kafka: &TestKafka,
+    group: &str,
+    topic: &str,
+    total: i64,
+    worker: Option<&Worker>,
+) -> anyhow::Result<()> {
+    let mut last = String::new();
+    wait_until(
+        &format!("{total} committed offsets on {topic}"),
+        DEADLINE,
+        || {
+            // The group coordinator may still be loading (NotCoordinator): ask again.
+            match committed_total(kafka, group, topic) {
+                Ok(committed) => {
+                    last = format!("{committed} committed");
+                    Ok((committed >= total).then_some(()))
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    Ok(None)
+                }
+            }
+        },
+    )
+    .with_context(|| {
+        format!(
+            "last: {last}\n{}",
+            worker.map(Worker::log_text).unwrap_or_default()
+        )
+    })
+}
+
+/// A record read back: its value and headers.
+pub type ReadRecord = (Option<Vec<u8>>, HashMap<String, String>);
+
+/// Every record of `topic` (all partitions, from the start) with its headers, until
+/// `count` have been read.
+pub fn read_topic(kafka: &TestKafka, topic: &str, count: usize) -> anyhow::Result<Vec<ReadRecord>> {
+    let consumer: BaseConsumer = kafka
+        .config()
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while out.len() < count {
+        anyhow::ensure!(
+            start.elapsed() < DEADLINE,
+            "read {} of {count} records from {topic}",
+            out.len()
+        );
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message?;
+            let mut headers = HashMap::new();
+            if let Some(h) = rdkafka::message::Message::headers(&message) {
+                use rdkafka::message::Headers;
+                for header in h.iter() {
+                    headers.insert(
+                        header.key.to_owned(),
+                        String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            out.push((message.payload().map(<[u8]>::to_vec), headers));
+        }
+    }
+    consumer.unsubscribe();
+    Ok(out)
+}
+
+/// A pipeline document as JSON.
+pub fn pipeline(name: &str, spec: Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "EventPipeline",
+        "metadata": {"name": name, "namespace": "test"},
+        "spec": spec,
+    })
+}
