@@ -375,8 +375,19 @@ fn java() -> Result<PathBuf> {
     })
 }
 
-/// A Kafka cluster id: 16 random bytes in unpadded URL-safe base64 (22 characters).
+/// A Kafka cluster id: 16 random bytes in unpadded URL-safe base64 (22 characters), never
+/// starting with `-` (command-line parsers would read it as an option; Kafka's own
+/// generator avoids it for the same reason).
 fn cluster_id() -> String {
+    loop {
+        let id = encode_cluster_id();
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn encode_cluster_id() -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let bytes = uuid::Uuid::new_v4().into_bytes();
     let mut bits = 0u32;
@@ -408,8 +419,12 @@ fn io(context: &str, source: std::io::Error) -> HarnessError {
 mod tests {
     #[test]
     fn cluster_ids_are_22_url_safe_characters() {
+        for _ in 0..1000 {
+            let id = super::cluster_id();
+            assert_eq!(id.len(), 22, "{id}");
+            assert!(!id.starts_with('-'), "{id}");
+        }
         let id = super::cluster_id();
-        assert_eq!(id.len(), 22, "{id}");
         assert!(
             id.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
