@@ -15,6 +15,7 @@ use weir_crds::{
 pub struct Overrides {
     pub bootstrap_servers: Option<String>,
     pub namespace: Option<String>,
+    pub instance_id: Option<String>,
 }
 
 /// A pipeline ready to run.
@@ -25,6 +26,8 @@ pub struct WorkerConfig {
     pub spec: EventPipelineSpec,
     /// Client properties shared by the consumer and producers.
     pub kafka: ClientConfig,
+    /// Static group membership (`group.instance.id`), e.g. the pod name.
+    pub instance_id: Option<String>,
 }
 
 impl WorkerConfig {
@@ -132,6 +135,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
         namespace,
         spec: pipeline.spec,
         kafka,
+        instance_id: overrides.instance_id.clone(),
     })
 }
 

@@ -33,6 +33,11 @@ enum Command {
         /// Namespace for the default consumer group `<namespace>.<name>`.
         #[arg(long, env = "WEIR_NAMESPACE")]
         namespace: Option<String>,
+        /// A stable identity for this worker in its consumer group (static membership,
+        /// e.g. the pod name): a restarted worker takes its partitions back at once instead
+        /// of waiting for a rebalance.
+        #[arg(long, env = "WEIR_INSTANCE_ID")]
+        instance_id: Option<String>,
         /// Address of the /metrics, /healthz and /readyz server.
         #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:9090")]
         metrics_addr: SocketAddr,
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
             file,
             bootstrap_servers,
             namespace,
+            instance_id,
             metrics_addr,
             log_format,
         } => {
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
             let overrides = Overrides {
                 bootstrap_servers,
                 namespace,
+                instance_id,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

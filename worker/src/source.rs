@@ -75,9 +75,11 @@ pub fn consumer(
         StartPosition::Earliest => "earliest",
         StartPosition::Latest => "latest",
     };
-    let consumer: Consumer = config
-        .kafka
-        .clone()
+    let mut client = config.kafka.clone();
+    if let Some(id) = &config.instance_id {
+        client.set("group.instance.id", id);
+    }
+    let consumer: Consumer = client
         .set("group.id", config.consumer_group())
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -34,28 +34,7 @@ impl Worker {
         pipeline: &Value,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Worker> {
-        let file = dir.join(format!("{}.yaml", unique_name("pipeline")));
-        std::fs::write(&file, serde_yaml_ng::to_string(pipeline)?)?;
-        let metrics_port = free_port("worker")?;
-        let log = dir.join(format!("{}.log", unique_name("worker")));
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_weir-worker"))
-            .args(["run", "-f"])
-            .arg(&file)
-            .args(["--bootstrap-servers", kafka.bootstrap()])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--log-format", "text"])
-            .env("RUST_LOG", "info,weir_worker=debug")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()?;
-        Ok(Worker {
-            child,
-            metrics_port,
-            log,
-        })
+        start_with_args(dir, kafka, pipeline, env, &[])
     }
 
     pub fn pid(&self) -> u32 {
@@ -253,5 +232,38 @@ pub fn pipeline(name: &str, spec: Value) -> Value {
         "kind": "EventPipeline",
         "metadata": {"name": name, "namespace": "test"},
         "spec": spec,
+    })
+}
+
+/// Extra command-line arguments for a worker.
+pub fn start_with_args(
+    dir: &Path,
+    kafka: &TestKafka,
+    pipeline: &Value,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> anyhow::Result<Worker> {
+    let file = dir.join(format!("{}.yaml", unique_name("pipeline")));
+    std::fs::write(&file, serde_yaml_ng::to_string(pipeline)?)?;
+    let metrics_port = free_port("worker")?;
+    let log = dir.join(format!("{}.log", unique_name("worker")));
+    let out = std::fs::File::create(&log)?;
+    let child = Command::new(env!("CARGO_BIN_EXE_weir-worker"))
+        .args(["run", "-f"])
+        .arg(&file)
+        .args(["--bootstrap-servers", kafka.bootstrap()])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--log-format", "text"])
+        .args(args)
+        .env("RUST_LOG", "info,weir_worker=debug")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()?;
+    Ok(Worker {
+        child,
+        metrics_port,
+        log,
     })
 }

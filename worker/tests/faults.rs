@@ -1,0 +1,270 @@
+//! Faults a worker must survive without losing or doubling anything: a database outage,
+//! SIGKILL at random moments, workers joining and leaving (cooperative rebalance). The
+//! real binary, the real broker and real PostgreSQL servers.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use common::{
+    DEADLINE, Worker, committed_total, pipeline, produce, start_with_args, wait_committed,
+    wait_until,
+};
+use serde_json::{Value, json};
+use weir_testkit::{PostgresServer, TestDatabase, TestKafka};
+
+async fn kafka() -> anyhow::Result<TestKafka> {
+    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
+}
+
+fn events(range: std::ops::Range<i64>) -> Vec<(String, Vec<u8>)> {
+    range
+        .map(|id| {
+            (
+                (id % 97).to_string(),
+                format!("{{\"id\": {id}}}").into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// Inserts into a table whose primary key refuses a second copy of any event; without a
+/// dead-letter topic a refused record stops the worker, so a doubled event fails the test.
+fn insert_pipeline(name: &str, topic: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "source": {"topics": [topic]},
+        "sinks": [{"postgres": {"urlFrom": {"env": "DB"}, "table": "events", "columns": [{"name": "id", "type": "bigint"}]}}],
+        "batch": {"maxRecords": 200, "maxWait": "20ms"},
+        "retry": {"initialBackoff": "100ms", "maxBackoff": "1s"},
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    pipeline(name, spec)
+}
+
+async fn count(db: &sqlx::PgPool) -> anyhow::Result<i64> {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
+        .fetch_one(db)
+        .await?;
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_outage_mid_stream_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    let topic = kafka.create_topic("outage", 2, &[]).await?;
+    let mut server = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    let db = server.create_database().await?;
+    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY)")
+        .execute(&db.pool)
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let mut worker = Worker::start(
+        dir.path(),
+        &kafka,
+        &insert_pipeline("outage", &topic, json!({})),
+        &[("DB", &db.url)],
+    )?;
+
+    produce(&kafka, &topic, &events(0..1000)).await?;
+    let (k, t) = (kafka.clone(), topic.clone());
+    let worker_ref =
+        tokio::task::spawn_blocking(move || wait_committed(&k, "test.outage", &t, 1000, None))
+            .await?;
+    worker_ref.with_context(|| worker.log_text())?;
+
+    db.pool.close().await;
+    server.stop();
+    produce(&kafka, &topic, &events(1000..2000)).await?;
+    // The outage lasts until the worker has noticed it, reported not-ready and retried.
+    wait_until("the worker reports not ready and retries", DEADLINE, || {
+        Ok(
+            (worker.readyz() == Some(503) && worker.metric("weir_retries_total").unwrap_or(0) >= 3)
+                .then_some(()),
+        )
+    })
+    .with_context(|| worker.log_text())?;
+    assert!(
+        worker.is_running(),
+        "an unreachable database must not crash the worker"
+    );
+    assert_eq!(
+        committed_total(&kafka, "test.outage", &topic)?,
+        1000,
+        "nothing committed while the database is down"
+    );
+
+    let mut server =
+        tokio::task::spawn_blocking(move || server.start_again().map(|()| server)).await??;
+    produce(&kafka, &topic, &events(2000..3000)).await?;
+    let (k, t) = (kafka.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || wait_committed(&k, "test.outage", &t, 3000, None))
+        .await??;
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    assert_eq!(count(&pool).await?, 3000);
+    assert_eq!(worker.readyz(), Some(200));
+    assert!(worker.is_running(), "{}", worker.log_text());
+    worker.signal("TERM")?;
+    assert_eq!(worker.wait(DEADLINE)?.code(), Some(0));
+    pool.close().await;
+    server.stop();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    const TOTAL: i64 = 50_000;
+    let kafka = kafka().await?;
+    let topic = kafka.create_topic("kill", 4, &[]).await?;
+    let db = TestDatabase::create().await?;
+    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY)")
+        .execute(&db.pool)
+        .await?;
+    // Records applied but not yet committed when the worker dies are read again; the
+    // idempotency keys, written in the same transaction as the rows, skip them.
+    let doc = insert_pipeline(
+        "kill",
+        &topic,
+        json!({"idempotency": {"key": "event.id", "window": "1h"}}),
+    );
+    let dir = tempfile::tempdir()?;
+
+    // Events keep flowing while the worker is killed.
+    let (k, t) = (kafka.clone(), topic.clone());
+    let producer = tokio::spawn(async move {
+        for chunk in 0..50 {
+            produce(&k, &t, &events(chunk * 1000..(chunk + 1) * 1000)).await?;
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        anyhow::Ok(())
+    });
+
+    let mut rng = fastrand::Rng::with_seed(20);
+    let mut last = 0;
+    for kill in 0..20 {
+        let mut worker = start_with_args(
+            dir.path(),
+            &kafka,
+            &doc,
+            &[("DB", &db.url)],
+            &["--instance-id", "worker-0"],
+        )?;
+        // Progress first, then a random moment: mid-batch, mid-commit, or idle.
+        let (k, t) = (kafka.clone(), topic.clone());
+        let progressed = tokio::task::spawn_blocking(move || {
+            wait_until("progress since the last kill", DEADLINE, || {
+                let committed = committed_total(&k, "test.kill", &t).unwrap_or(last);
+                Ok((committed > last || committed >= TOTAL).then_some(committed))
+            })
+        })
+        .await?
+        .with_context(|| format!("kill {kill}: {}", worker.log_text()))?;
+        last = progressed;
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..150))).await;
+        worker.signal("KILL")?;
+        worker.wait(DEADLINE)?;
+    }
+    producer.await??;
+
+    let mut worker = start_with_args(
+        dir.path(),
+        &kafka,
+        &doc,
+        &[("DB", &db.url)],
+        &["--instance-id", "worker-0"],
+    )?;
+    let (k, t) = (kafka.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || wait_committed(&k, "test.kill", &t, TOTAL, None))
+        .await?
+        .with_context(|| worker.log_text())?;
+    assert_eq!(count(&db.pool).await?, TOTAL, "every event exactly once");
+    let end: i64 = kafka.committed_offsets("test.kill", &topic)?.values().sum();
+    assert_eq!(
+        end, TOTAL,
+        "the group's committed offsets equal the topic's end"
+    );
+    worker.signal("TERM")?;
+    assert_eq!(
+        worker.wait(DEADLINE)?.code(),
+        Some(0),
+        "{}",
+        worker.log_text()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_joining_and_leaving_mid_stream_lose_and_double_nothing() -> anyhow::Result<()> {
+    const TOTAL: i64 = 20_000;
+    let kafka = kafka().await?;
+    let topic = kafka.create_topic("rebalance", 4, &[]).await?;
+    let db = TestDatabase::create().await?;
+    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY)")
+        .execute(&db.pool)
+        .await?;
+    let doc = insert_pipeline("rebalance", &topic, json!({}));
+    let dir = tempfile::tempdir()?;
+
+    let (k, t) = (kafka.clone(), topic.clone());
+    let producer = tokio::spawn(async move {
+        for chunk in 0..20 {
+            produce(&k, &t, &events(chunk * 1000..(chunk + 1) * 1000)).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    });
+
+    let mut first = start_with_args(
+        dir.path(),
+        &kafka,
+        &doc,
+        &[("DB", &db.url)],
+        &["--instance-id", "a"],
+    )?;
+    let (k, t) = (kafka.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || wait_committed(&k, "test.rebalance", &t, 3000, None))
+        .await??;
+
+    let mut second = start_with_args(
+        dir.path(),
+        &kafka,
+        &doc,
+        &[("DB", &db.url)],
+        &["--instance-id", "b"],
+    )?;
+    let second_ref = &second;
+    wait_until(
+        "the second worker takes partitions and consumes",
+        DEADLINE,
+        || {
+            Ok((second_ref
+                .metric("weir_records_consumed_total")
+                .unwrap_or(0)
+                > 0)
+            .then_some(()))
+        },
+    )
+    .with_context(|| second.log_text())?;
+
+    first.signal("TERM")?;
+    assert_eq!(
+        first.wait(DEADLINE)?.code(),
+        Some(0),
+        "{}",
+        first.log_text()
+    );
+    producer.await??;
+    let (k, t) = (kafka.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || wait_committed(&k, "test.rebalance", &t, TOTAL, None))
+        .await?
+        .with_context(|| second.log_text())?;
+    assert_eq!(count(&db.pool).await?, TOTAL);
+    assert!(
+        second.is_running(),
+        "a doubled event would have stopped the worker:\n{}",
+        second.log_text()
+    );
+    Ok(())
+}
