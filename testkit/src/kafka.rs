@@ -134,6 +134,13 @@ impl TestKafka {
         &self.bootstrap
     }
 
+    /// A view of the broker at `bootstrap` (e.g. one a benchmark started itself).
+    pub fn at(bootstrap: &str) -> TestKafka {
+        TestKafka {
+            bootstrap: bootstrap.to_owned(),
+        }
+    }
+
     /// A client config pointing at the broker.
     pub fn config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();

@@ -1,9 +1,10 @@
 //! The run loop: consume → decode/filter/transform → batch → sinks → dead letters → commit.
 //!
 //! Batches are written one at a time; librdkafka keeps fetching (up to its bounded queue)
-//! while a batch is written. Offsets are committed only after every sink acknowledged the
-//! batch and every refused record is on the dead-letter topic, so a worker killed at any
-//! instant resumes from a point before anything unacknowledged.
+//! while a batch is written. A batch's offsets are stored only after every sink
+//! acknowledged it and every refused record is on the dead-letter topic; librdkafka commits
+//! stored offsets every second, before giving up revoked partitions and on close. So a
+//! worker killed at any instant resumes from a point before anything unacknowledged.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -128,6 +129,18 @@ impl Engine {
             Ok(()) => self.flush().await,
             Err(e) => Err(e),
         };
+        if flushed.is_ok() {
+            match self.consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => Metrics::add(&self.metrics.commits, 1),
+                // Nothing stored since the last automatic commit.
+                Err(rdkafka::error::KafkaError::ConsumerCommit(
+                    rdkafka::types::RDKafkaErrorCode::NoOffset,
+                )) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "final offset commit failed; the last records will be read again")
+                }
+            }
+        }
         self.consumer.unsubscribe();
         for (_, sink) in &self.sinks {
             sink.close().await;
@@ -262,7 +275,7 @@ impl Engine {
             .filter(|(i, _)| !failures.contains_key(i))
             .count();
         Metrics::add(&self.metrics.written, written);
-        self.commit(&records);
+        self.store_offsets(&records);
         self.metrics
             .observe_batch(records.len(), started.elapsed().as_secs_f64());
         tracing::debug!(
@@ -271,7 +284,7 @@ impl Engine {
             written,
             dead_lettered = failures.len(),
             millis = started.elapsed().as_millis() as u64,
-            "batch committed"
+            "batch written"
         );
         Ok(())
     }
@@ -413,8 +426,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Commits, per partition, the offset after the batch's last record.
-    fn commit(&self, records: &[Record]) {
+    /// Stores, per partition, the offset after the batch's last record, for the next commit.
+    fn store_offsets(&self, records: &[Record]) {
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for record in records {
             let entry = next

@@ -154,7 +154,11 @@ impl Metrics {
                 &self.dead_lettered,
             ),
             ("weir_retries_total", "Retried writes.", &self.retries),
-            ("weir_commits_total", "Offset commits.", &self.commits),
+            (
+                "weir_offsets_stored_total",
+                "Batches whose offsets were stored for commit.",
+                &self.commits,
+            ),
         ] {
             let _ = writeln!(
                 out,

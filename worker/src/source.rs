@@ -75,20 +75,28 @@ pub fn consumer(
         StartPosition::Earliest => "earliest",
         StartPosition::Latest => "latest",
     };
+    // Per partition: about two batches' worth, so the next batch is ready when the last
+    // one is written, without queueing hundreds of thousands of records.
+    let prefetch_records = (config.spec.batch.max_records.max(1) as usize * 2).clamp(1000, 100_000);
     let mut client = config.kafka.clone();
     if let Some(id) = &config.instance_id {
         client.set("group.instance.id", id);
     }
     let consumer: Consumer = client
         .set("group.id", config.consumer_group())
-        .set("enable.auto.commit", "false")
+        // The engine stores a partition's offset only after every sink acknowledged the
+        // records before it; librdkafka commits stored offsets every second, before it gives
+        // up revoked partitions, and on close.
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", reset)
         .set("partition.assignment.strategy", "cooperative-sticky")
         // Bounded prefetch: librdkafka stops fetching when this much is queued, which is
         // how backpressure reaches the broker without the engine buffering anything.
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.max.bytes", "8388608")
+        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.min.messages", prefetch_records.to_string())
+        .set("fetch.max.bytes", "4194304")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
         .create_with_context(context)?;
