@@ -116,6 +116,9 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 }
 
 struct WorkerRun {
+    /// Events per second between the first and the last written batch.
+    steady: f64,
+    /// Events per second from the worker's start (process start and group join included).
     rate: f64,
     seconds: f64,
     p50_ms: f64,
@@ -200,6 +203,23 @@ spec:
         .status();
     child.wait()?;
     let text = std::fs::read_to_string(&log_path)?;
+    // Steady state: from the first written batch to the last, by the log's timestamps.
+    let stamps: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("batch written"))
+        .filter_map(|l| {
+            let t = l.split_whitespace().next()?;
+            humantime::parse_rfc3339(t)
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs_f64())
+        })
+        .collect();
+    let steady = match (stamps.first(), stamps.last()) {
+        (Some(a), Some(b)) if b > a => events as f64 / (b - a),
+        _ => f64::NAN,
+    };
     let mut latencies: Vec<f64> = text
         .lines()
         .filter(|l| l.contains("batch written"))
@@ -220,6 +240,7 @@ spec:
         );
     }
     Ok(WorkerRun {
+        steady,
         rate: events as f64 / seconds,
         seconds,
         p50_ms: percentile(&latencies, 50.0),
@@ -360,15 +381,17 @@ fn main() -> anyhow::Result<()> {
             .fetch_one(&db.pool)
             .await?;
         let correct = rows == keys.min(events) as i64 && latest == rows;
-        writeln!(out, "  weir-worker:          {:>9.0} events/s  ({:.1} s, {} batches, p50 {:.1} ms, p99 {:.1} ms per batch, peak RSS {:.1} MiB)", run.rate, run.seconds, run.batches, run.p50_ms, run.p99_ms, run.peak_rss_mib)?;
+        writeln!(out, "  weir-worker:          {:>9.0} events/s  steady state (first to last batch)", run.steady)?;
+        writeln!(out, "                        {:>9.0} events/s  from process start ({:.1} s incl. start-up and group join)", run.rate, run.seconds)?;
+        writeln!(out, "                        {} batches, p50 {:.1} ms, p99 {:.1} ms per batch, peak RSS {:.1} MiB", run.batches, run.p50_ms, run.p99_ms, run.peak_rss_mib)?;
         writeln!(out, "  check: {rows} rows, {latest} at their key's latest version -> {}", if correct { "OK" } else { "WRONG" })?;
 
         let baseline = per_record_baseline(&kafka, &topic, &db.pool, sample.min(events)).await?;
         writeln!(out, "  (a) per-record:       {baseline:>9.0} events/s  (INSERT … ON CONFLICT + offset commit per event, {sample} events)")?;
         let ceiling = postgres_ceiling(&db.pool, events, keys).await?;
         writeln!(out, "  (b) postgres ceiling: {ceiling:>9.0} rows/s    (1000-row multi-row upsert from memory, same driver)")?;
-        writeln!(out, "  weir / ceiling = {:.0} %   (target >= 80 %)", 100.0 * run.rate / ceiling)?;
-        writeln!(out, "  weir / per-record = {:.0}x  (target >= 50x)", run.rate / baseline)?;
+        writeln!(out, "  weir / ceiling = {:.0} %   (steady state; target >= 80 %)", 100.0 * run.steady / ceiling)?;
+        writeln!(out, "  weir / per-record = {:.0}x  (steady state; target >= 50x)", run.steady / baseline)?;
         writeln!(out, "  peak RSS {:.1} MiB  (target < 64 MiB)", run.peak_rss_mib)?;
         anyhow::ensure!(correct, "the table does not hold every key's latest version");
         anyhow::Ok(())

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
@@ -162,14 +163,17 @@ impl Engine {
                     self.flush().await?;
                 }
                 message = self.consumer.recv() => {
-                    match message {
-                        Ok(message) => {
-                            let record = source::owned(&message);
-                            drop(message);
-                            Metrics::add(&self.metrics.consumed, 1);
-                            self.batch.push(record);
-                        }
-                        Err(e) => tracing::warn!(error = %e, "consumer error; retrying"),
+                    let first = message.map(|m| source::owned(&m));
+                    self.take(first);
+                    // Take whatever else is already fetched without going back through the
+                    // select (one timer and one wake-up per record would cost more than
+                    // the record).
+                    while !self.batch.is_full() {
+                        let next = match self.consumer.recv().now_or_never() {
+                            Some(message) => message.map(|m| source::owned(&m)),
+                            None => break,
+                        };
+                        self.take(next);
                     }
                     self.forget_revoked();
                     if self.batch.is_full() {
@@ -177,6 +181,16 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    fn take(&mut self, message: Result<Record, rdkafka::error::KafkaError>) {
+        match message {
+            Ok(record) => {
+                Metrics::add(&self.metrics.consumed, 1);
+                self.batch.push(record);
+            }
+            Err(e) => tracing::warn!(error = %e, "consumer error; retrying"),
         }
     }
 
@@ -441,12 +455,12 @@ impl Engine {
                 tracing::warn!(error = %e, "cannot build the commit");
             }
         }
-        // A failed commit (e.g. the partition moved in a rebalance) is not a loss: the
-        // records were applied and the next owner reads them again (at-least-once).
-        match self.consumer.commit(&list, CommitMode::Sync) {
+        // A failed store (the partition was revoked meanwhile) is not a loss: the records
+        // were applied and the next owner reads them again (at-least-once).
+        match self.consumer.store_offsets(&list) {
             Ok(()) => Metrics::add(&self.metrics.commits, 1),
             Err(e) => {
-                tracing::warn!(error = %e, "offset commit failed; records will be read again")
+                tracing::warn!(error = %e, "offset store failed; records will be read again")
             }
         }
     }

@@ -94,9 +94,12 @@ pub fn consumer(
         .set("partition.assignment.strategy", "cooperative-sticky")
         // Bounded prefetch: librdkafka stops fetching when this much is queued, which is
         // how backpressure reaches the broker without the engine buffering anything.
-        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.max.messages.kbytes", "4096")
         .set("queued.min.messages", prefetch_records.to_string())
-        .set("fetch.max.bytes", "4194304")
+        // When the queue is full, look again soon: the default (1 s) stalls a worker that
+        // drains its queue in milliseconds.
+        .set("fetch.queue.backoff.ms", "5")
+        .set("fetch.max.bytes", "2097152")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
         .create_with_context(context)?;
