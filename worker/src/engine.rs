@@ -96,7 +96,7 @@ impl Engine {
             max_wait: batch.max_wait.parse().map_err(EngineError::Setup)?,
         };
         let backoff = Backoff::from_spec(&config.spec.retry);
-        let (consumer, revocations) = source::consumer(&config)?;
+        let (consumer, revocations) = source::consumer(&config, metrics.clone())?;
         Ok(Self {
             config,
             consumer,

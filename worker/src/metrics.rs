@@ -1,8 +1,9 @@
 //! Counters in Prometheus text format, and the /metrics /healthz /readyz server.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -76,6 +77,8 @@ pub struct Metrics {
     batch_size: Histogram,
     batch_latency: Histogram,
     ready: AtomicBool,
+    /// Per (topic, partition): records behind the partition's end, as the consumer sees it.
+    lag: Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 impl Metrics {
@@ -93,6 +96,7 @@ impl Metrics {
             batch_size: Histogram::new(&SIZE_BUCKETS),
             batch_latency: Histogram::new(&LATENCY_BUCKETS),
             ready: AtomicBool::new(false),
+            lag: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -107,6 +111,18 @@ impl Metrics {
     pub fn observe_batch(&self, records: usize, seconds: f64) {
         self.batch_size.observe(records as f64);
         self.batch_latency.observe(seconds);
+    }
+
+    /// Replaces the lag of the assigned partitions.
+    pub fn set_lag(&self, lag: BTreeMap<(String, i32), i64>) {
+        if let Ok(mut current) = self.lag.lock() {
+            *current = lag;
+        }
+    }
+
+    /// Total lag of the assigned partitions.
+    pub fn total_lag(&self) -> i64 {
+        self.lag.lock().map(|l| l.values().sum()).unwrap_or(0)
     }
 
     /// Ready means the sinks and the broker answered on the last try.
@@ -180,6 +196,19 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP weir_consumer_lag Records behind the end of each assigned partition, as the consumer sees it.\n# TYPE weir_consumer_lag gauge"
+        );
+        if let Ok(lag) = self.lag.lock() {
+            for ((topic, partition), value) in lag.iter() {
+                let _ = writeln!(
+                    out,
+                    "weir_consumer_lag{{{labels},topic=\"{}\",partition=\"{partition}\"}} {value}",
+                    topic.replace('"', "")
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
             "# HELP weir_ready Whether the worker can reach its sinks.\n# TYPE weir_ready gauge\nweir_ready{{{labels}}} {}",
             u8::from(self.is_ready())
         );
@@ -246,5 +275,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("weir_ready{pipeline=\"orders\"} 0"), "{text}");
+        m.set_lag(BTreeMap::from([(("t".to_owned(), 2), 40)]));
+        assert!(
+            m.render()
+                .contains("weir_consumer_lag{pipeline=\"orders\",topic=\"t\",partition=\"2\"} 40"),
+            "{}",
+            m.render()
+        );
+        assert_eq!(m.total_lag(), 40);
     }
 }

@@ -1,14 +1,16 @@
 //! The Kafka consumer: the pipeline's group, manual offsets, cooperative rebalancing, and a
 //! bounded prefetch so memory stays flat however large the lag.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use weir_crds::StartPosition;
 
 use crate::config::WorkerConfig;
+use crate::metrics::Metrics;
 use crate::record::Record;
 
 /// Partitions taken away from this worker, noted by the rebalance callback (which runs
@@ -25,13 +27,28 @@ impl Revocations {
     }
 }
 
-/// Records revocations; librdkafka does the (incremental) assignment itself.
-#[derive(Debug, Default)]
+/// Records revocations (librdkafka does the incremental assignment itself) and publishes
+/// the lag librdkafka's statistics report.
+#[derive(Debug)]
 pub struct SourceContext {
     revocations: Revocations,
+    metrics: Arc<Metrics>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    fn stats(&self, statistics: Statistics) {
+        let mut lag = BTreeMap::new();
+        for (topic, t) in statistics.topics {
+            for (partition, p) in t.partitions {
+                // -1 is librdkafka's internal partition; a negative lag means unknown.
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    lag.insert((topic.clone(), partition), p.consumer_lag);
+                }
+            }
+        }
+        self.metrics.set_lag(lag);
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(
@@ -68,8 +85,12 @@ pub type Consumer = StreamConsumer<SourceContext>;
 /// A consumer in the pipeline's group, subscribed to its topics.
 pub fn consumer(
     config: &WorkerConfig,
+    metrics: Arc<Metrics>,
 ) -> Result<(Consumer, Revocations), rdkafka::error::KafkaError> {
-    let context = SourceContext::default();
+    let context = SourceContext {
+        revocations: Revocations::default(),
+        metrics,
+    };
     let revocations = context.revocations.clone();
     let reset = match config.spec.source.start_position {
         StartPosition::Earliest => "earliest",
@@ -101,6 +122,7 @@ pub fn consumer(
         .set("fetch.queue.backoff.ms", "5")
         .set("fetch.max.bytes", "2097152")
         .set("session.timeout.ms", "10000")
+        .set("statistics.interval.ms", "5000")
         .set("heartbeat.interval.ms", "2000")
         .create_with_context(context)?;
     let topics: Vec<&str> = config

@@ -82,6 +82,18 @@ impl Worker {
             .and_then(|v| v.parse().ok())
     }
 
+    /// The sum of `weir_consumer_lag` over partitions.
+    pub fn lag(&self) -> i64 {
+        http_get(self.metrics_port, "/metrics")
+            .map(|text| {
+                text.lines()
+                    .filter(|l| l.starts_with("weir_consumer_lag{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// The status code of /readyz.
     pub fn readyz(&self) -> Option<u16> {
         let text = http_get(self.metrics_port, "/readyz")?;
