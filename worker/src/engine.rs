@@ -15,6 +15,7 @@ use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::batch::{Batch, Limits};
@@ -26,6 +27,7 @@ use crate::retry::{Backoff, ErrorClass};
 use crate::sink::{Rejected, Sink, WriteInput};
 use crate::source::{self, Consumer, Revocations};
 use crate::transform::Transformer;
+use weir_crds::PayloadFormat;
 
 /// Why the engine stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +56,16 @@ pub enum EngineError {
 /// A pipeline being run.
 pub struct Engine {
     config: WorkerConfig,
-    consumer: Consumer,
+    consumer: Arc<Consumer>,
     revocations: Revocations,
-    transformer: Transformer,
-    sinks: Vec<(String, Sink)>,
-    dead_letter: Option<DeadLetter>,
-    backoff: Backoff,
+    /// Held by the batch being written; the rebalance callback takes it before giving up
+    /// partitions, so a revoked partition's records in flight are written and their
+    /// offsets stored (and committed by librdkafka) first.
+    gate: Arc<tokio::sync::Mutex<()>>,
+    /// The writer, when no batch is being written.
+    writer: Option<Writer>,
+    /// The batch being written, which hands the writer back.
+    in_flight: Option<JoinHandle<(Writer, Result<(), EngineError>)>>,
     batch: Batch,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -74,7 +80,8 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Connects the consumer and builds the sinks; nothing is read until `run`.
+    /// Connects the consumer and builds the sinks; nothing is read until `run`. Must be
+    /// called inside a multi-threaded tokio runtime.
     pub fn new(
         config: WorkerConfig,
         metrics: Arc<Metrics>,
@@ -95,16 +102,27 @@ impl Engine {
             max_bytes: batch.max_bytes.max(1) as usize,
             max_wait: batch.max_wait.parse().map_err(EngineError::Setup)?,
         };
-        let backoff = Backoff::from_spec(&config.spec.retry);
-        let (consumer, revocations) = source::consumer(&config, metrics.clone())?;
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let (consumer, revocations) = source::consumer(&config, metrics.clone(), gate.clone())?;
+        let consumer = Arc::new(consumer);
+        let writer = Writer {
+            pipeline: config.name.clone(),
+            format: config.spec.source.format,
+            transformer,
+            sinks,
+            dead_letter,
+            backoff: Backoff::from_spec(&config.spec.retry),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            consumer: consumer.clone(),
+        };
         Ok(Self {
             config,
             consumer,
             revocations,
-            transformer,
-            sinks,
-            dead_letter,
-            backoff,
+            gate,
+            writer: Some(writer),
+            in_flight: None,
             batch: Batch::new(limits),
             metrics,
             shutdown,
@@ -114,8 +132,10 @@ impl Engine {
     /// Runs until shutdown is signalled: then the batch in flight is written and committed
     /// and the consumer leaves its group.
     pub async fn run(mut self) -> Result<(), EngineError> {
-        for (name, sink) in &self.sinks {
-            self.retry_unavailable(name, || sink.prepare()).await?;
+        if let Some(writer) = &self.writer {
+            for (name, sink) in &writer.sinks {
+                writer.retry_unavailable(name, || sink.prepare()).await?;
+            }
         }
         self.metrics.set_ready(true);
         tracing::info!(
@@ -125,11 +145,16 @@ impl Engine {
             "consuming"
         );
         let result = self.consume().await;
-        // Finish the batch in flight, commit, leave the group, whatever stopped the loop.
+        // Finish the batches in flight, commit, leave the group, whatever stopped the loop.
         let flushed = match result {
-            Ok(()) => self.flush().await,
+            Ok(()) => match self.flush().await {
+                Ok(()) => self.settle().await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
+        let settled = self.settle().await;
+        let flushed = flushed.and(settled);
         if flushed.is_ok() {
             match self.consumer.commit_consumer_state(CommitMode::Sync) {
                 Ok(()) => Metrics::add(&self.metrics.commits, 1),
@@ -143,10 +168,30 @@ impl Engine {
             }
         }
         self.consumer.unsubscribe();
-        for (_, sink) in &self.sinks {
-            sink.close().await;
+        if let Some(writer) = &self.writer {
+            for (_, sink) in &writer.sinks {
+                sink.close().await;
+            }
         }
         flushed
+    }
+
+    /// Waits for the batch being written, taking the writer back.
+    async fn settle(&mut self) -> Result<(), EngineError> {
+        let Some(handle) = self.in_flight.take() else {
+            return Ok(());
+        };
+        self.take_back(handle.await)
+    }
+
+    fn take_back(&mut self, done: WriteResult) -> Result<(), EngineError> {
+        match done {
+            Ok((writer, result)) => {
+                self.writer = Some(writer);
+                result
+            }
+            Err(e) => Err(EngineError::Setup(format!("the batch writer failed: {e}"))),
+        }
     }
 
     async fn consume(&mut self) -> Result<(), EngineError> {
@@ -159,6 +204,11 @@ impl Engine {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
+                // A write that fails stops the pipeline now, not at the next batch.
+                done = wait_in_flight(&mut self.in_flight), if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    self.take_back(done)?;
+                }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     self.flush().await?;
                 }
@@ -207,21 +257,66 @@ impl Engine {
         }
     }
 
-    /// Writes the batch to every sink, dead-letters what was refused, commits.
+    /// Hands the batch to the writer once the previous batch is written (so per-key order
+    /// and offset order hold), and goes back to reading while it is written.
     async fn flush(&mut self) -> Result<(), EngineError> {
+        self.settle().await?;
         self.forget_revoked();
         let records = self.batch.take();
         if records.is_empty() {
             return Ok(());
         }
+        let Some(mut writer) = self.writer.take() else {
+            return Err(EngineError::Setup("the batch writer is missing".into()));
+        };
+        // Taken before the task starts, so a rebalance from now on waits for this batch.
+        let guard = self.gate.clone().lock_owned().await;
+        // Partitions revoked while we waited for the gate are not written.
+        let revoked = self.revocations.take();
+        let records: Vec<Record> = if revoked.is_empty() {
+            records
+        } else {
+            records
+                .into_iter()
+                .filter(|r| {
+                    !revoked
+                        .iter()
+                        .any(|(t, p)| *t == r.topic && *p == r.partition)
+                })
+                .collect()
+        };
         let span =
             tracing::info_span!("batch", pipeline = %self.config.name, records = records.len());
-        self.write_batch(records).instrument(span).await
+        self.in_flight = Some(tokio::spawn(
+            async move {
+                let result = writer.write_batch(records).await;
+                drop(guard);
+                (writer, result)
+            }
+            .instrument(span),
+        ));
+        Ok(())
     }
+}
 
+/// Everything a batch write needs. It moves into the task that writes a batch while the
+/// engine reads the next one, and comes back when the write is done.
+struct Writer {
+    pipeline: String,
+    format: PayloadFormat,
+    transformer: Transformer,
+    sinks: Vec<(String, Sink)>,
+    dead_letter: Option<DeadLetter>,
+    backoff: Backoff,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    consumer: Arc<Consumer>,
+}
+
+impl Writer {
     async fn write_batch(&mut self, records: Vec<Record>) -> Result<(), EngineError> {
         let started = Instant::now();
-        let format = self.config.spec.source.format;
+        let format = self.format;
         let mut failures: BTreeMap<usize, Failure> = BTreeMap::new();
         let mut events: Vec<(usize, Value)> = Vec::with_capacity(records.len());
         let now = SystemTime::now();
@@ -293,7 +388,7 @@ impl Engine {
         self.metrics
             .observe_batch(records.len(), started.elapsed().as_secs_f64());
         tracing::debug!(
-            pipeline = %self.config.name,
+            pipeline = %self.pipeline,
             records = records.len(),
             written,
             dead_lettered = failures.len(),
@@ -463,6 +558,17 @@ impl Engine {
                 tracing::warn!(error = %e, "offset store failed; records will be read again")
             }
         }
+    }
+}
+
+type WriteResult = Result<(Writer, Result<(), EngineError>), tokio::task::JoinError>;
+
+async fn wait_in_flight(
+    in_flight: &mut Option<JoinHandle<(Writer, Result<(), EngineError>)>>,
+) -> WriteResult {
+    match in_flight {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
     }
 }
 

@@ -33,6 +33,7 @@ impl Revocations {
 pub struct SourceContext {
     revocations: Revocations,
     metrics: Arc<Metrics>,
+    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ClientContext for SourceContext {
@@ -59,6 +60,9 @@ impl ConsumerContext for SourceContext {
         match rebalance {
             Rebalance::Revoke(partitions) => {
                 let revoked = list(partitions);
+                // Wait for the batch being written: its records of these partitions land and
+                // their offsets are stored before librdkafka commits and lets them go.
+                let _written = self.wait_for_write();
                 tracing::info!(partitions = ?revoked, "partitions revoked");
                 if let Ok(mut pending) = self.revocations.0.lock() {
                     pending.extend(revoked);
@@ -68,6 +72,23 @@ impl ConsumerContext for SourceContext {
                 tracing::info!(partitions = ?list(partitions), "partitions assigned");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+impl SourceContext {
+    /// Takes the write gate, blocking this thread (the callback runs inside the consumer's
+    /// poll, on the engine's task; tokio moves that worker's other tasks elsewhere
+    /// meanwhile).
+    fn wait_for_write(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                Some(tokio::task::block_in_place(|| {
+                    handle.block_on(self.gate.clone().lock_owned())
+                }))
+            }
+            // Outside a multi-threaded runtime nothing can be written concurrently.
+            _ => self.gate.clone().try_lock_owned().ok(),
         }
     }
 }
@@ -86,10 +107,12 @@ pub type Consumer = StreamConsumer<SourceContext>;
 pub fn consumer(
     config: &WorkerConfig,
     metrics: Arc<Metrics>,
+    gate: Arc<tokio::sync::Mutex<()>>,
 ) -> Result<(Consumer, Revocations), rdkafka::error::KafkaError> {
     let context = SourceContext {
         revocations: Revocations::default(),
         metrics,
+        gate,
     };
     let revocations = context.revocations.clone();
     let reset = match config.spec.source.start_position {
