@@ -57,14 +57,14 @@ pub struct Plan {
 
 /// Pending effect on one key's row, with the values each column takes.
 #[derive(Clone, Debug)]
-enum Op {
-    Upsert(BTreeMap<String, (ColumnType, Option<String>)>, Vec<usize>),
-    Update(BTreeMap<String, (ColumnType, Option<String>)>, Vec<usize>),
+enum Op<'a> {
+    Upsert(Values<'a>, Vec<usize>),
+    Update(Values<'a>, Vec<usize>),
     Delete(Vec<usize>),
 }
 
 /// Builds the plan for `steps` in batch order.
-pub fn plan(sink: &SqlSink, steps: &[Step<'_>]) -> Plan {
+pub fn plan<'a>(sink: &'a SqlSink, steps: &[Step<'a>]) -> Plan {
     let mut plan = Plan::default();
     if sink.mode == WriteMode::Insert {
         plan_inserts(sink, steps, &mut plan);
@@ -79,7 +79,7 @@ pub fn plan(sink: &SqlSink, steps: &[Step<'_>]) -> Plan {
         .collect();
     // Per key (the key columns' values), its folded operations, in first-seen key order.
     let mut order: Vec<Vec<Option<String>>> = Vec::new();
-    let mut folded: HashMap<Vec<Option<String>>, Vec<Op>> = HashMap::new();
+    let mut folded: HashMap<Vec<Option<String>>, Vec<Op<'a>>> = HashMap::new();
     for step in steps {
         let values = match row_values(step.event, step.columns) {
             Ok(values) => values,
@@ -120,15 +120,15 @@ pub fn plan(sink: &SqlSink, steps: &[Step<'_>]) -> Plan {
         });
         fold(ops, op);
     }
-    // Round r holds the r-th operation of every key.
-    let mut rounds: [BTreeMap<(Action, Vec<String>), Group>; 2] =
-        [BTreeMap::new(), BTreeMap::new()];
+    // Round r holds the r-th operation of every key; a round has a few groups at most
+    // (one per action and column set), so they are found by a linear scan.
+    let mut rounds: [Vec<Group>; 2] = [Vec::new(), Vec::new()];
     for key in order {
         let Some(ops) = folded.remove(&key) else {
             continue;
         };
         for (round, op) in ops.into_iter().enumerate() {
-            let (action, values, sources) = match op {
+            let (action, mut values, sources) = match op {
                 Op::Upsert(values, sources) => (Action::Upsert, values, sources),
                 Op::Update(values, sources) => (Action::Update, values, sources),
                 Op::Delete(sources) => {
@@ -138,44 +138,53 @@ pub fn plan(sink: &SqlSink, steps: &[Step<'_>]) -> Plan {
                         .zip(&key)
                         .map(|(name, v)| {
                             let type_ = key_types.get(name.as_str()).copied().unwrap_or_default();
-                            (name.clone(), (type_, v.clone()))
+                            (name.as_str(), (type_, v.clone()))
                         })
                         .collect();
                     (Action::Delete, values, sources)
                 }
             };
-            // Key columns first, then the rest in name order.
-            let mut columns: Vec<(String, ColumnType)> = sink
-                .key_columns
+            let groups = &mut rounds[round.min(1)];
+            let found = groups.iter().position(|g| {
+                g.action == action
+                    && g.columns.len() == values.len()
+                    && g.columns
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .eq(ordered_names(&sink.key_columns, &values))
+            });
+            let index = match found {
+                Some(index) => index,
+                None => {
+                    let columns = ordered_names(&sink.key_columns, &values)
+                        .map(|n| {
+                            (
+                                n.to_owned(),
+                                values.get(n).map(|(t, _)| *t).unwrap_or_default(),
+                            )
+                        })
+                        .collect();
+                    groups.push(Group {
+                        action,
+                        columns,
+                        rows: Vec::new(),
+                        sources: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            let group = &mut groups[index];
+            let row: Row = group
+                .columns
                 .iter()
-                .filter_map(|k| values.get(k).map(|(t, _)| (k.clone(), *t)))
+                .map(|(n, _)| values.remove(n.as_str()).and_then(|(_, v)| v))
                 .collect();
-            columns.extend(
-                values
-                    .iter()
-                    .filter(|(name, _)| !sink.key_columns.contains(name))
-                    .map(|(name, (t, _))| (name.clone(), *t)),
-            );
-            let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
-            let row: Row = names
-                .iter()
-                .map(|n| values.get(n).and_then(|(_, v)| v.clone()))
-                .collect();
-            let group = rounds[round.min(1)]
-                .entry((action, names))
-                .or_insert_with(|| Group {
-                    action,
-                    columns,
-                    rows: Vec::new(),
-                    sources: Vec::new(),
-                });
             group.rows.push(row);
             group.sources.extend(sources);
         }
     }
-    for round in rounds {
+    for mut groups in rounds {
         // Within a round: deletes, then upserts, then updates (each key appears once).
-        let mut groups: Vec<Group> = round.into_values().collect();
         groups.sort_by_key(|g| match g.action {
             Action::Delete => 0,
             Action::Insert | Action::Upsert => 1,
@@ -186,9 +195,23 @@ pub fn plan(sink: &SqlSink, steps: &[Step<'_>]) -> Plan {
     plan
 }
 
+/// A row's column names as a statement lists them: key columns first (in keyColumns
+/// order), then the rest in name order.
+fn ordered_names<'v>(keys: &'v [String], values: &'v Values<'_>) -> impl Iterator<Item = &'v str> {
+    keys.iter()
+        .map(String::as_str)
+        .filter(|k| values.contains_key(k))
+        .chain(
+            values
+                .keys()
+                .copied()
+                .filter(|n| !keys.iter().any(|k| k == n)),
+        )
+}
+
 /// Adds `op` to a key's pending operations, merging where the result is exactly that of
 /// applying them in sequence.
-fn fold(ops: &mut Vec<Op>, op: Op) {
+fn fold<'a>(ops: &mut Vec<Op<'a>>, op: Op<'a>) {
     let last = ops.pop();
     let merged = match (last, op) {
         (None, op) => vec![op],
@@ -222,7 +245,7 @@ fn fold(ops: &mut Vec<Op>, op: Op) {
     ops.extend(merged);
 }
 
-fn sources_of(ops: &[Op]) -> Vec<usize> {
+fn sources_of(ops: &[Op<'_>]) -> Vec<usize> {
     ops.iter()
         .flat_map(|op| match op {
             Op::Upsert(_, s) | Op::Update(_, s) | Op::Delete(s) => s.clone(),
@@ -260,10 +283,10 @@ fn plan_inserts(sink: &SqlSink, steps: &[Step<'_>], plan: &mut Plan) {
     }
 }
 
-type Values = BTreeMap<String, (ColumnType, Option<String>)>;
+type Values<'a> = BTreeMap<&'a str, (ColumnType, Option<String>)>;
 
 /// The text value of each column for one event.
-fn row_values(event: &Value, columns: &[Column]) -> Result<Values, String> {
+fn row_values<'a>(event: &Value, columns: &'a [Column]) -> Result<Values<'a>, String> {
     let mut values = BTreeMap::new();
     for column in columns {
         let path = column_path(column);
@@ -274,7 +297,7 @@ fn row_values(event: &Value, columns: &[Column]) -> Result<Values, String> {
                     .map_err(|e| format!("column {:?} from {path}: {e}", column.name))?,
             ),
         };
-        values.insert(column.name.clone(), (column.type_, text));
+        values.insert(column.name.as_str(), (column.type_, text));
     }
     Ok(values)
 }
