@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rdkafka::ClientConfig;
 use weir_crds::load::Resource;
 use weir_crds::{
-    DEFAULT_CONNECTION, EventPipelineSpec, KafkaConnectionSpec, Problems, SecretSource,
+    DEFAULT_CONNECTION, EventPipelineSpec, KafkaConnectionSpec, Manifest, Problems, SecretSource,
 };
 
 /// Settings from the command line or environment that override the file.
@@ -66,8 +66,16 @@ impl ConfigError {
     }
 }
 
-/// Reads the pipeline file: exactly one EventPipeline, optionally KafkaConnections.
-pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigError> {
+/// A pipeline file's contents: its one EventPipeline (validated) and any KafkaConnections.
+#[derive(Clone, Debug)]
+pub struct PipelineFile {
+    pub pipeline: Manifest<EventPipelineSpec>,
+    pub connections: Vec<Manifest<KafkaConnectionSpec>>,
+}
+
+/// Reads and validates a pipeline file: exactly one EventPipeline, optionally
+/// KafkaConnections (KafkaTopics are allowed and ignored).
+pub fn read(path: &Path) -> Result<PipelineFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -105,6 +113,22 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
             name: pipeline.metadata.name.clone(),
             problems,
         })?;
+    Ok(PipelineFile {
+        pipeline,
+        connections,
+    })
+}
+
+/// Reads the pipeline file and resolves what running it needs.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigError> {
+    let PipelineFile {
+        pipeline,
+        connections,
+    } = read(path)?;
+    let unusable = |message: String| ConfigError::Unusable {
+        path: path.to_owned(),
+        message,
+    };
     let wanted = pipeline
         .spec
         .connection_ref

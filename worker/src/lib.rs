@@ -10,5 +10,4 @@ pub mod record;
 pub mod retry;
 pub mod sink;
 pub mod source;
-pub mod spec;
 pub mod transform;

@@ -10,7 +10,6 @@ use tokio::sync::watch;
 use weir_worker::config::{self, Overrides};
 use weir_worker::engine::{Engine, EngineError};
 use weir_worker::metrics::{self, Metrics};
-use weir_worker::spec::{SpecError, load_pipeline};
 
 #[derive(Debug, Parser)]
 #[command(name = "weir-worker", version, about = "Weir's pipeline worker")]
@@ -177,8 +176,9 @@ fn init_logs(format: &str) {
 }
 
 fn validate(file: PathBuf) -> ExitCode {
-    match load_pipeline(&file) {
-        Ok(pipeline) => {
+    match config::read(&file) {
+        Ok(read) => {
+            let pipeline = read.pipeline;
             eprintln!(
                 "{}: EventPipeline {:?} is valid ({} sink(s), topics {})",
                 file.display(),
@@ -188,16 +188,13 @@ fn validate(file: PathBuf) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(
-            err
-            @ (SpecError::Load { .. } | SpecError::Invalid { .. } | SpecError::WrongKind { .. }),
-        ) => {
-            eprintln!("error: {err}");
-            ExitCode::from(2)
-        }
         Err(err) => {
             eprintln!("error: {err}");
-            ExitCode::FAILURE
+            if err.is_spec_error() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::{
-    DEADLINE, Worker, committed_total, pipeline, produce, start_with_args, wait_committed,
+    DEADLINE, Worker, committed_total, pipeline, produce, start_with_args, wait_committed_async,
     wait_until,
 };
 use serde_json::{Value, json};
@@ -44,6 +44,35 @@ fn insert_pipeline(name: &str, topic: &str, extra: Value) -> Value {
     pipeline(name, spec)
 }
 
+/// The shared broker, a new topic and a new database with an `events` table.
+async fn setup(prefix: &str, partitions: i32) -> anyhow::Result<(TestKafka, String, TestDatabase)> {
+    let kafka = kafka().await?;
+    let topic = kafka.create_topic(prefix, partitions, &[]).await?;
+    let db = TestDatabase::create().await?;
+    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY)")
+        .execute(&db.pool)
+        .await?;
+    Ok((kafka, topic, db))
+}
+
+/// Produces `chunks` thousand events in the background, pausing `gap` between chunks so
+/// they arrive while the test acts on the workers.
+fn trickle(
+    kafka: &TestKafka,
+    topic: &str,
+    chunks: i64,
+    gap: Duration,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let (kafka, topic) = (kafka.clone(), topic.to_owned());
+    tokio::spawn(async move {
+        for chunk in 0..chunks {
+            produce(&kafka, &topic, &events(chunk * 1000..(chunk + 1) * 1000)).await?;
+            tokio::time::sleep(gap).await;
+        }
+        anyhow::Ok(())
+    })
+}
+
 async fn count(db: &sqlx::PgPool) -> anyhow::Result<i64> {
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
         .fetch_one(db)
@@ -69,11 +98,9 @@ async fn postgres_outage_mid_stream_loses_and_doubles_nothing() -> anyhow::Resul
     )?;
 
     produce(&kafka, &topic, &events(0..1000)).await?;
-    let (k, t) = (kafka.clone(), topic.clone());
-    let worker_ref =
-        tokio::task::spawn_blocking(move || wait_committed(&k, "test.outage", &t, 1000, None))
-            .await?;
-    worker_ref.with_context(|| worker.log_text())?;
+    wait_committed_async(&kafka, "test.outage", &topic, 1000)
+        .await
+        .with_context(|| worker.log_text())?;
 
     db.pool.close().await;
     server.stop();
@@ -99,9 +126,7 @@ async fn postgres_outage_mid_stream_loses_and_doubles_nothing() -> anyhow::Resul
     let mut server =
         tokio::task::spawn_blocking(move || server.start_again().map(|()| server)).await??;
     produce(&kafka, &topic, &events(2000..3000)).await?;
-    let (k, t) = (kafka.clone(), topic.clone());
-    tokio::task::spawn_blocking(move || wait_committed(&k, "test.outage", &t, 3000, None))
-        .await??;
+    wait_committed_async(&kafka, "test.outage", &topic, 3000).await?;
     let pool = sqlx::PgPool::connect(&db.url).await?;
     assert_eq!(count(&pool).await?, 3000);
     assert_eq!(worker.readyz(), Some(200));
@@ -116,12 +141,7 @@ async fn postgres_outage_mid_stream_loses_and_doubles_nothing() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result<()> {
     const TOTAL: i64 = 50_000;
-    let kafka = kafka().await?;
-    let topic = kafka.create_topic("kill", 4, &[]).await?;
-    let db = TestDatabase::create().await?;
-    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY)")
-        .execute(&db.pool)
-        .await?;
+    let (kafka, topic, db) = setup("kill", 4).await?;
     // Records applied but not yet committed when the worker dies are read again; the
     // idempotency keys, written in the same transaction as the rows, skip them.
     let doc = insert_pipeline(
@@ -132,14 +152,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result
     let dir = tempfile::tempdir()?;
 
     // Events keep flowing while the worker is killed.
-    let (k, t) = (kafka.clone(), topic.clone());
-    let producer = tokio::spawn(async move {
-        for chunk in 0..50 {
-            produce(&k, &t, &events(chunk * 1000..(chunk + 1) * 1000)).await?;
-            tokio::time::sleep(Duration::from_millis(60)).await;
-        }
-        anyhow::Ok(())
-    });
+    let producer = trickle(&kafka, &topic, 50, Duration::from_millis(60));
 
     let mut rng = fastrand::Rng::with_seed(20);
     let mut last = 0;
@@ -175,9 +188,8 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result
         &[("DB", &db.url)],
         &["--instance-id", "worker-0"],
     )?;
-    let (k, t) = (kafka.clone(), topic.clone());
-    tokio::task::spawn_blocking(move || wait_committed(&k, "test.kill", &t, TOTAL, None))
-        .await?
+    wait_committed_async(&kafka, "test.kill", &topic, TOTAL)
+        .await
         .with_context(|| worker.log_text())?;
     assert_eq!(count(&db.pool).await?, TOTAL, "every event exactly once");
     let end: i64 = kafka.committed_offsets("test.kill", &topic)?.values().sum();
@@ -198,23 +210,11 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_joining_and_leaving_mid_stream_lose_and_double_nothing() -> anyhow::Result<()> {
     const TOTAL: i64 = 20_000;
-    let kafka = kafka().await?;
-    let topic = kafka.create_topic("rebalance", 4, &[]).await?;
-    let db = TestDatabase::create().await?;
-    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY)")
-        .execute(&db.pool)
-        .await?;
+    let (kafka, topic, db) = setup("rebalance", 4).await?;
     let doc = insert_pipeline("rebalance", &topic, json!({}));
     let dir = tempfile::tempdir()?;
 
-    let (k, t) = (kafka.clone(), topic.clone());
-    let producer = tokio::spawn(async move {
-        for chunk in 0..20 {
-            produce(&k, &t, &events(chunk * 1000..(chunk + 1) * 1000)).await?;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::Ok(())
-    });
+    let producer = trickle(&kafka, &topic, 20, Duration::from_millis(100));
 
     let mut first = start_with_args(
         dir.path(),
@@ -223,9 +223,7 @@ async fn workers_joining_and_leaving_mid_stream_lose_and_double_nothing() -> any
         &[("DB", &db.url)],
         &["--instance-id", "a"],
     )?;
-    let (k, t) = (kafka.clone(), topic.clone());
-    tokio::task::spawn_blocking(move || wait_committed(&k, "test.rebalance", &t, 3000, None))
-        .await??;
+    wait_committed_async(&kafka, "test.rebalance", &topic, 3000).await?;
 
     let mut second = start_with_args(
         dir.path(),
@@ -256,9 +254,8 @@ async fn workers_joining_and_leaving_mid_stream_lose_and_double_nothing() -> any
         first.log_text()
     );
     producer.await??;
-    let (k, t) = (kafka.clone(), topic.clone());
-    tokio::task::spawn_blocking(move || wait_committed(&k, "test.rebalance", &t, TOTAL, None))
-        .await?
+    wait_committed_async(&kafka, "test.rebalance", &topic, TOTAL)
+        .await
         .with_context(|| second.log_text())?;
     assert_eq!(count(&db.pool).await?, TOTAL);
     assert!(

@@ -279,3 +279,14 @@ pub fn start_with_args(
         log,
     })
 }
+
+/// [`wait_committed`] from async code.
+pub async fn wait_committed_async(
+    kafka: &TestKafka,
+    group: &str,
+    topic: &str,
+    total: i64,
+) -> anyhow::Result<()> {
+    let (kafka, group, topic) = (kafka.clone(), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || wait_committed(&kafka, &group, &topic, total, None)).await?
+}
