@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer as _};
@@ -210,6 +210,7 @@ impl Engine {
                     self.take_back(done)?;
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.wait_for_writer().await?;
                     self.flush().await?;
                 }
                 message = self.consumer.recv() => {
@@ -227,9 +228,70 @@ impl Engine {
                     }
                     self.forget_revoked();
                     if self.batch.is_full() {
+                        self.wait_for_writer().await?;
                         self.flush().await?;
                     }
                 }
+            }
+        }
+    }
+
+    /// Waits for the batch being written. Most writes take milliseconds; one that takes
+    /// longer (a sink being retried) pauses the assigned partitions and keeps polling, so
+    /// nothing more is fetched and the group does not take this worker for dead
+    /// (`max.poll.interval.ms`).
+    async fn wait_for_writer(&mut self) -> Result<(), EngineError> {
+        let Some(handle) = self.in_flight.as_mut() else {
+            return Ok(());
+        };
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(500), handle).await {
+            self.in_flight = None;
+            return self.take_back(done);
+        }
+        let paused = self.set_paused(true);
+        tracing::info!("the batch write is slow: partitions paused until it is done");
+        let result = loop {
+            tokio::select! {
+                biased;
+                done = wait_in_flight(&mut self.in_flight) => {
+                    self.in_flight = None;
+                    break self.take_back(done);
+                }
+                message = self.consumer.recv() => {
+                    // Records fetched before the pause still arrive; they join the batch.
+                    let record = message.map(|m| source::owned(&m));
+                    self.take(record);
+                    self.forget_revoked();
+                }
+            }
+        };
+        if paused {
+            self.set_paused(false);
+            tracing::info!("partitions resumed");
+        }
+        result
+    }
+
+    /// Pauses or resumes every assigned partition; false when it could not.
+    fn set_paused(&self, pause: bool) -> bool {
+        let assignment = match self.consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the assignment");
+                return false;
+            }
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        drop(assignment);
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, pause, "cannot pause or resume the partitions");
+                false
             }
         }
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::{
-    DEADLINE, Worker, committed_total, pipeline, produce, start_with_args, wait_committed_async,
-    wait_until,
+    DEADLINE, committed_total, pipeline, produce, start_documents, start_with_args,
+    wait_committed_async, wait_until,
 };
 use serde_json::{Value, json};
 use weir_testkit::{PostgresServer, TestDatabase, TestKafka};
@@ -90,11 +90,20 @@ async fn postgres_outage_mid_stream_loses_and_doubles_nothing() -> anyhow::Resul
         .execute(&db.pool)
         .await?;
     let dir = tempfile::tempdir()?;
-    let mut worker = Worker::start(
+    // The group gives up on a member that stops polling for max.poll.interval.ms: a short
+    // one here, so the outage below outlasts it.
+    let connection = json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "KafkaConnection",
+        "metadata": {"name": "default"},
+        "spec": {"bootstrapServers": [kafka.bootstrap()], "properties": {"max.poll.interval.ms": "10000"}},
+    });
+    let mut worker = start_documents(
         dir.path(),
         &kafka,
-        &insert_pipeline("outage", &topic, json!({})),
+        &[&insert_pipeline("outage", &topic, json!({})), &connection],
         &[("DB", &db.url)],
+        &[],
     )?;
 
     produce(&kafka, &topic, &events(0..1000)).await?;
@@ -122,6 +131,14 @@ async fn postgres_outage_mid_stream_loses_and_doubles_nothing() -> anyhow::Resul
         1000,
         "nothing committed while the database is down"
     );
+    // Keep the database down past max.poll.interval.ms (the fault's length, not a wait for
+    // anything): the worker pauses its partitions and keeps polling, so the group does not
+    // take it for dead. (Without the pause this test does not finish: the member is
+    // dropped from the group and the records after the outage are not committed in time.)
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    let log = worker.log_text();
+    assert!(log.contains("partitions paused"), "{log}");
+    assert!(!log.contains("revoked"), "{log}");
 
     let mut server =
         tokio::task::spawn_blocking(move || server.start_again().map(|()| server)).await??;

@@ -255,8 +255,25 @@ pub fn start_with_args(
     env: &[(&str, &str)],
     args: &[&str],
 ) -> anyhow::Result<Worker> {
+    start_documents(dir, kafka, &[pipeline], env, args)
+}
+
+/// Starts a worker on a file of several documents (the pipeline and, e.g., its
+/// KafkaConnection).
+pub fn start_documents(
+    dir: &Path,
+    kafka: &TestKafka,
+    documents: &[&Value],
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> anyhow::Result<Worker> {
     let file = dir.join(format!("{}.yaml", unique_name("pipeline")));
-    std::fs::write(&file, serde_yaml_ng::to_string(pipeline)?)?;
+    let mut text = String::new();
+    for document in documents {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml_ng::to_string(document)?);
+    }
+    std::fs::write(&file, text)?;
     let metrics_port = free_port("worker")?;
     let log = dir.join(format!("{}.log", unique_name("worker")));
     let out = std::fs::File::create(&log)?;
