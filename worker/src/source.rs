@@ -37,6 +37,14 @@ pub struct SourceContext {
 }
 
 impl ClientContext for SourceContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            // Not ready until a batch goes through again.
+            self.metrics.set_ready(false);
+        }
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+
     fn stats(&self, statistics: Statistics) {
         let mut lag = BTreeMap::new();
         for (topic, t) in statistics.topics {

@@ -99,8 +99,21 @@ async fn broker_down_produce_errors_and_latency_lose_nothing_and_stall_nothing()
     cluster.broker_up(2)?;
     more.await??;
 
+    // Phase 3: every broker down: the worker reports not ready, then recovers.
+    for broker in 1..=3 {
+        cluster.broker_down(broker)?;
+    }
+    wait_until("not ready while no broker answers", DEADLINE, || {
+        Ok((worker.readyz() == Some(503)).then_some(()))
+    })
+    .with_context(|| worker.log_text())?;
+    for broker in 1..=3 {
+        cluster.broker_up(broker)?;
+    }
+    produce(&bootstrap, "events", 2000..2010, 0).await?;
+
     // No stall after recovery: everything lands and the group commits the end.
-    wait_until_rows(&db_pool, 1990)
+    wait_until_rows(&db_pool, 2000)
         .await
         .with_context(|| worker.log_text())?;
     let k = kafka.clone();
@@ -110,7 +123,7 @@ async fn broker_down_produce_errors_and_latency_lose_nothing_and_stall_nothing()
             Ok(k.committed_offsets("test.mocked", "events")
                 .ok()
                 .map(|m| m.values().sum::<i64>())
-                .filter(|n| *n >= 2000))
+                .filter(|n| *n >= 2010))
         })
     })
     .await?
@@ -122,6 +135,7 @@ async fn broker_down_produce_errors_and_latency_lose_nothing_and_stall_nothing()
         worker.log_text()
     );
     assert!(worker.is_running());
+    assert_eq!(worker.readyz(), Some(200), "ready again after recovery");
     worker.signal("TERM")?;
     assert_eq!(
         worker.wait(DEADLINE)?.code(),
