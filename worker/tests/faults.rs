@@ -171,16 +171,20 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result
     // Events keep flowing while the worker is killed.
     let producer = trickle(&kafka, &topic, 50, Duration::from_millis(60));
 
-    let mut rng = fastrand::Rng::with_seed(20);
-    let mut last = 0;
-    for kill in 0..20 {
-        let mut worker = start_with_args(
+    // The same identity each time, as a restarted pod has (static membership).
+    let start = || {
+        start_with_args(
             dir.path(),
             &kafka,
             &doc,
             &[("DB", &db.url)],
             &["--instance-id", "worker-0"],
-        )?;
+        )
+    };
+    let mut rng = fastrand::Rng::with_seed(20);
+    let mut last = 0;
+    for kill in 0..20 {
+        let mut worker = start()?;
         // Progress first, then a random moment: mid-batch, mid-commit, or idle.
         let (k, t) = (kafka.clone(), topic.clone());
         let progressed = tokio::task::spawn_blocking(move || {
@@ -198,13 +202,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result
     }
     producer.await??;
 
-    let mut worker = start_with_args(
-        dir.path(),
-        &kafka,
-        &doc,
-        &[("DB", &db.url)],
-        &["--instance-id", "worker-0"],
-    )?;
+    let mut worker = start()?;
     wait_committed_async(&kafka, "test.kill", &topic, TOTAL)
         .await
         .with_context(|| worker.log_text())?;
