@@ -49,7 +49,7 @@ impl SecretKeySelector {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.secretKeyRef), has(self.env), has(self.file)].filter(x, x).size() == 1",
+    "rule": "(has(self.secretKeyRef) ? 1 : 0) + (has(self.env) ? 1 : 0) + (has(self.file) ? 1 : 0) == 1",
     "message": "set exactly one of secretKeyRef, env, file"
 }]))]
 pub struct SecretSource {

@@ -71,8 +71,9 @@ pub struct EventPipelineSpec {
     /// Reshapes each event before it reaches the sinks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<Transform>,
-    /// Where events go. Every sink must acknowledge a record before its offset is committed.
-    #[schemars(length(min = 1))]
+    /// Where events go (at most 16). Every sink must acknowledge a record before its offset
+    /// is committed.
+    #[schemars(length(min = 1, max = 16))]
     pub sinks: Vec<Sink>,
     /// How records are grouped into writes.
     #[serde(default)]
@@ -112,7 +113,7 @@ pub struct EventPipelineSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Source {
     /// Topics to consume.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 100))]
     pub topics: Vec<String>,
     /// The consumer group. Defaults to `<namespace>.<name>`; each pipeline reading the same
     /// topic needs its own group to see every event.

@@ -15,7 +15,7 @@ pub const SINK_KINDS: &[&str] = &["postgres", "mysql", "redis", "http", "kafka"]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.postgres), has(self.mysql), has(self.redis), has(self.http), has(self.kafka)].filter(x, x).size() == 1",
+    "rule": "(has(self.postgres) ? 1 : 0) + (has(self.mysql) ? 1 : 0) + (has(self.redis) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.kafka) ? 1 : 0) == 1",
     "message": "set exactly one sink kind: postgres, mysql, redis, http or kafka"
 }]))]
 pub struct Sink {
@@ -73,13 +73,16 @@ pub struct SqlSink {
     pub mode: WriteMode,
     /// Columns identifying a row; needed by Upsert, Delete and Rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub key_columns: Vec<String>,
     /// How columns are filled from the event (Insert, Upsert, Delete).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub columns: Vec<Column>,
     /// With mode Rules: the first rule whose `when` holds decides the action; an event no
     /// rule matches is skipped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub rules: Vec<ProjectionRule>,
 }
 
@@ -201,6 +204,7 @@ pub struct HttpSink {
     pub headers: BTreeMap<String, String>,
     /// Headers whose values are secret (e.g. Authorization).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
     pub headers_from: BTreeMap<String, SecretSource>,
     /// JsonArray (the default: one JSON array per batch) or Ndjson (one line per record).
     #[serde(default)]
