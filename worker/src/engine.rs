@@ -1,7 +1,7 @@
 //! The run loop: consume → decode/filter/transform → batch → sinks → dead letters → commit.
 //!
-//! Batches are written one at a time; librdkafka keeps fetching (up to its bounded queue)
-//! while a batch is written. A batch's offsets are stored only after every sink
+//! A closed batch is written in its own task while the engine reads the next one; the next
+//! write starts only when the previous one is done. A batch's offsets are stored only after every sink
 //! acknowledged it and every refused record is on the dead-letter topic; librdkafka commits
 //! stored offsets every second, before giving up revoked partitions and on close. So a
 //! worker killed at any instant resumes from a point before anything unacknowledged.
@@ -144,15 +144,11 @@ impl Engine {
             topics = ?self.config.spec.source.topics,
             "consuming"
         );
-        let result = self.consume().await;
+        let mut flushed = self.consume().await;
         // Finish the batches in flight, commit, leave the group, whatever stopped the loop.
-        let flushed = match result {
-            Ok(()) => match self.flush().await {
-                Ok(()) => self.settle().await,
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+        if flushed.is_ok() {
+            flushed = self.flush().await;
+        }
         let settled = self.settle().await;
         let flushed = flushed.and(settled);
         if flushed.is_ok() {
@@ -210,7 +206,6 @@ impl Engine {
                     self.take_back(done)?;
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
-                    self.wait_for_writer().await?;
                     self.flush().await?;
                 }
                 message = self.consumer.recv() => {
@@ -228,7 +223,6 @@ impl Engine {
                     }
                     self.forget_revoked();
                     if self.batch.is_full() {
-                        self.wait_for_writer().await?;
                         self.flush().await?;
                     }
                 }
@@ -322,7 +316,10 @@ impl Engine {
     /// Hands the batch to the writer once the previous batch is written (so per-key order
     /// and offset order hold), and goes back to reading while it is written.
     async fn flush(&mut self) -> Result<(), EngineError> {
-        self.settle().await?;
+        self.wait_for_writer().await?;
+        // Taken before the task starts, so a rebalance from now on waits for this batch;
+        // partitions revoked until then are dropped from it.
+        let guard = self.gate.clone().lock_owned().await;
         self.forget_revoked();
         let records = self.batch.take();
         if records.is_empty() {
@@ -330,22 +327,6 @@ impl Engine {
         }
         let Some(mut writer) = self.writer.take() else {
             return Err(EngineError::Setup("the batch writer is missing".into()));
-        };
-        // Taken before the task starts, so a rebalance from now on waits for this batch.
-        let guard = self.gate.clone().lock_owned().await;
-        // Partitions revoked while we waited for the gate are not written.
-        let revoked = self.revocations.take();
-        let records: Vec<Record> = if revoked.is_empty() {
-            records
-        } else {
-            records
-                .into_iter()
-                .filter(|r| {
-                    !revoked
-                        .iter()
-                        .any(|(t, p)| *t == r.topic && *p == r.partition)
-                })
-                .collect()
         };
         let span =
             tracing::info_span!("batch", pipeline = %self.config.name, records = records.len());
@@ -512,7 +493,7 @@ impl Writer {
     }
 
     /// Waits out the backoff for `attempt`, unless shutdown is asked for.
-    async fn pause(&mut self, attempt: u32, what: &str) -> Result<(), EngineError> {
+    async fn pause(&self, attempt: u32, what: &str) -> Result<(), EngineError> {
         let delay = self.backoff.delay(attempt, fastrand::f64());
         let mut shutdown = self.shutdown.clone();
         if *shutdown.borrow() {
@@ -542,12 +523,7 @@ impl Writer {
                 Err(e) => {
                     self.metrics.set_ready(false);
                     tracing::warn!(sink = %name, attempt, error = %e.message, "sink not ready; retrying");
-                    let delay = self.backoff.delay(attempt, fastrand::f64());
-                    let mut shutdown = self.shutdown.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return Err(EngineError::StoppedWhileUnavailable(name.to_owned())),
-                    }
+                    self.pause(attempt, name).await?;
                     attempt += 1;
                 }
             }
