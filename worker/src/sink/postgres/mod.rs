@@ -170,25 +170,23 @@ impl PostgresSink {
     /// A plan of one statement without idempotency needs no explicit transaction (a
     /// statement is atomic), which saves two round trips per batch.
     async fn transaction(&self, steps: &[Step<'_>]) -> Result<Vec<Rejected>, SinkError> {
-        if self.idempotency.is_none() {
+        let Some(idempotency) = &self.idempotency else {
             let plan = plan(&self.spec, steps);
             if plan.groups.len() <= 1 {
                 let mut conn = self.pool.acquire().await.map_err(classify)?;
-                for group in &plan.groups {
-                    execute(&mut conn, &self.spec, group).await?;
-                }
-                return Ok(rejected(plan.rejected));
+                execute_all(&mut conn, &self.spec, &plan.groups).await?;
+            } else {
+                let mut tx = self.pool.begin().await.map_err(classify)?;
+                execute_all(&mut tx, &self.spec, &plan.groups).await?;
+                tx.commit().await.map_err(classify)?;
             }
-        }
+            return Ok(rejected(plan.rejected));
+        };
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let (steps, keys) = self.fresh(&mut tx, steps).await?;
+        let (steps, keys) = fresh(&mut tx, idempotency, steps).await?;
         let plan = plan(&self.spec, &steps);
-        for group in &plan.groups {
-            execute(&mut tx, &self.spec, group).await?;
-        }
-        if let Some(idempotency) = &self.idempotency
-            && !keys.is_empty()
-        {
+        execute_all(&mut tx, &self.spec, &plan.groups).await?;
+        if !keys.is_empty() {
             sqlx::query(
                 "INSERT INTO weir_idempotency (scope, key)
                  SELECT $1, k FROM UNNEST($2::text[]) AS k
@@ -202,51 +200,6 @@ impl PostgresSink {
         }
         tx.commit().await.map_err(classify)?;
         Ok(rejected(plan.rejected))
-    }
-
-    /// The steps whose idempotency key is new (first occurrence within the batch, not
-    /// applied within the window), and those keys.
-    async fn fresh<'a>(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        steps: &[Step<'a>],
-    ) -> Result<(Vec<Step<'a>>, Vec<String>), SinkError> {
-        let Some(idempotency) = &self.idempotency else {
-            return Ok((steps.iter().map(copy_step).collect(), Vec::new()));
-        };
-        let key_of = |step: &Step<'_>| -> Option<String> {
-            match field(step.event, &idempotency.key)? {
-                Value::String(s) => Some(s.clone()),
-                Value::Null => None,
-                other => Some(other.to_string()),
-            }
-        };
-        let candidates: Vec<String> = steps.iter().filter_map(key_of).collect();
-        let seen: Vec<(String,)> = sqlx::query_as(
-            "SELECT key FROM weir_idempotency
-             WHERE scope = $1 AND key = ANY($2) AND applied_at > now() - make_interval(secs => $3)",
-        )
-        .bind(&idempotency.scope)
-        .bind(&candidates)
-        .bind(idempotency.window.as_secs_f64())
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(classify)?;
-        let mut seen: HashSet<String> = seen.into_iter().map(|(k,)| k).collect();
-        let mut fresh = Vec::with_capacity(steps.len());
-        let mut keys = Vec::new();
-        for step in steps {
-            match key_of(step) {
-                Some(key) if seen.contains(&key) => {}
-                Some(key) => {
-                    seen.insert(key.clone());
-                    keys.push(key);
-                    fresh.push(copy_step(step));
-                }
-                None => fresh.push(copy_step(step)),
-            }
-        }
-        Ok((fresh, keys))
     }
 
     async fn expire_idempotency_keys(&self) {
@@ -280,13 +233,58 @@ fn rejected(planned: Vec<(usize, String)>) -> Vec<Rejected> {
         .collect()
 }
 
-fn copy_step<'a>(step: &Step<'a>) -> Step<'a> {
-    Step {
-        index: step.index,
-        event: step.event,
-        action: step.action,
-        columns: step.columns,
+/// The steps whose idempotency key is new (first occurrence within the batch, not
+/// applied within the window), and those keys.
+async fn fresh<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    idempotency: &Idempotency,
+    steps: &[Step<'a>],
+) -> Result<(Vec<Step<'a>>, Vec<String>), SinkError> {
+    let key_of = |step: &Step<'_>| -> Option<String> {
+        match field(step.event, &idempotency.key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            other => Some(other.to_string()),
+        }
+    };
+    let candidates: Vec<String> = steps.iter().filter_map(key_of).collect();
+    let seen: Vec<(String,)> = sqlx::query_as(
+        "SELECT key FROM weir_idempotency
+         WHERE scope = $1 AND key = ANY($2) AND applied_at > now() - make_interval(secs => $3)",
+    )
+    .bind(&idempotency.scope)
+    .bind(&candidates)
+    .bind(idempotency.window.as_secs_f64())
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(classify)?;
+    let mut seen: HashSet<String> = seen.into_iter().map(|(k,)| k).collect();
+    let mut fresh = Vec::with_capacity(steps.len());
+    let mut keys = Vec::new();
+    for step in steps {
+        match key_of(step) {
+            Some(key) if seen.contains(&key) => {}
+            Some(key) => {
+                seen.insert(key.clone());
+                keys.push(key);
+                fresh.push(*step);
+            }
+            None => fresh.push(*step),
+        }
     }
+    Ok((fresh, keys))
+}
+
+/// Runs a plan's groups in order, one statement each.
+async fn execute_all(
+    conn: &mut sqlx::PgConnection,
+    spec: &SqlSink,
+    groups: &[Group],
+) -> Result<(), SinkError> {
+    for group in groups {
+        execute(conn, spec, group).await?;
+    }
+    Ok(())
 }
 
 /// Runs one group as one statement.

@@ -25,7 +25,7 @@ pub enum Action {
 
 /// One event to plan: its position in the batch and, for Rules, the action chosen and the
 /// columns that rule writes.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Step<'a> {
     pub index: usize,
     pub event: &'a Value,
