@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer};
 
-use crate::process::{Supervised, run, which};
+use crate::process::{NotReady, Supervised, run, which};
 use crate::{HarnessError, KAFKA_VERSION, Result, env, free_port, tools_dir, unique_name};
 
 const PART: &str = "kafka";
@@ -83,19 +83,16 @@ impl KafkaServer {
             &args,
         )?;
         let bootstrap = format!("127.0.0.1:{port}");
-        let ready = crate::wait_until(PART, "broker metadata", Duration::from_secs(90), || {
-            if !process.is_running() {
-                return Some(false);
-            }
-            metadata_answers(&bootstrap).then_some(true)
+        let ready = process.wait_ready("broker metadata", Duration::from_secs(90), || {
+            metadata_answers(&bootstrap)
         });
         match ready {
-            Ok(true) => Ok(KafkaServer {
+            Ok(()) => Ok(KafkaServer {
                 bootstrap,
                 process: Some(process),
             }),
-            Ok(false) => Err(process.start_error("the broker exited")),
-            Err(_) => {
+            Err(NotReady::Exited) => Err(process.start_error("the broker exited")),
+            Err(NotReady::TimedOut) => {
                 let detail = format!(
                     "no metadata answer on {bootstrap} within 90 s; server.log:\n{}",
                     crate::process::log_tail(&dir.join("server.log"))

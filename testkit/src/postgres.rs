@@ -130,28 +130,17 @@ impl PostgresServer {
         )?;
         let isready = self.bin.join("pg_isready");
         let port = self.port.to_string();
-        let ready = crate::wait_until(
-            PART,
-            "accepting connections",
-            Duration::from_secs(30),
-            || {
-                if !process.is_running() {
-                    return Some(false);
-                }
-                Command::new(&isready)
-                    .args(["-q", "-h", "127.0.0.1", "-p", &port])
-                    .status()
-                    .is_ok_and(|s| s.success())
-                    .then_some(true)
-            },
-        );
-        match ready {
-            Ok(true) => {
-                self.process = Some(process);
-                Ok(())
-            }
-            _ => Err(process.start_error("the server did not accept connections")),
+        let ready = process.wait_ready("accepting connections", Duration::from_secs(30), || {
+            Command::new(&isready)
+                .args(["-q", "-h", "127.0.0.1", "-p", &port])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if ready.is_err() {
+            return Err(process.start_error("the server did not accept connections"));
         }
+        self.process = Some(process);
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {

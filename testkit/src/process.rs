@@ -25,6 +25,13 @@ kill "$watcher" 2>/dev/null
 if [ -n "$dir" ]; then rm -rf "$dir"; fi
 "#;
 
+/// Why a server did not become ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NotReady {
+    Exited,
+    TimedOut,
+}
+
 #[derive(Debug)]
 pub(crate) struct Supervised {
     part: &'static str,
@@ -79,6 +86,23 @@ impl Supervised {
     /// Whether the server (its wrapper) is still running.
     pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.wrapper.as_mut().map(|w| w.try_wait()), Some(Ok(None)))
+    }
+
+    /// Polls `ready` until it holds; fails when the server exits first or `deadline`
+    /// passes.
+    pub(crate) fn wait_ready(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> std::result::Result<(), NotReady> {
+        let outcome = crate::wait_until(self.part, what, deadline, || {
+            if !self.is_running() {
+                return Some(Err(NotReady::Exited));
+            }
+            ready().then_some(Ok(()))
+        });
+        outcome.unwrap_or(Err(NotReady::TimedOut))
     }
 
     /// A start error carrying the server's recent output.

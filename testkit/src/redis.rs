@@ -79,19 +79,14 @@ impl RedisServer {
             &args,
         )?;
         let port = self.port;
-        let ready = crate::wait_until(PART, "PONG", Duration::from_secs(20), || {
-            if !process.is_running() {
-                return Some(false);
-            }
-            ping(port).then_some(true)
-        });
-        match ready {
-            Ok(true) => {
-                self.process = Some(process);
-                Ok(())
-            }
-            _ => Err(process.start_error("no answer to PING")),
+        if process
+            .wait_ready("PONG", Duration::from_secs(20), || ping(port))
+            .is_err()
+        {
+            return Err(process.start_error("no answer to PING"));
         }
+        self.process = Some(process);
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {
