@@ -148,8 +148,7 @@ async fn postgres_outage_mid_stream_loses_and_doubles_nothing() -> anyhow::Resul
     assert_eq!(count(&pool).await?, 3000);
     assert_eq!(worker.readyz(), Some(200));
     assert!(worker.is_running(), "{}", worker.log_text());
-    worker.signal("TERM")?;
-    assert_eq!(worker.wait(DEADLINE)?.code(), Some(0));
+    worker.stop()?;
     pool.close().await;
     server.stop();
     Ok(())
@@ -212,13 +211,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result
         end, TOTAL,
         "the group's committed offsets equal the topic's end"
     );
-    worker.signal("TERM")?;
-    assert_eq!(
-        worker.wait(DEADLINE)?.code(),
-        Some(0),
-        "{}",
-        worker.log_text()
-    );
+    worker.stop()?;
     Ok(())
 }
 
@@ -261,13 +254,7 @@ async fn workers_joining_and_leaving_mid_stream_lose_and_double_nothing() -> any
     )
     .with_context(|| second.log_text())?;
 
-    first.signal("TERM")?;
-    assert_eq!(
-        first.wait(DEADLINE)?.code(),
-        Some(0),
-        "{}",
-        first.log_text()
-    );
+    first.stop()?;
     producer.await??;
     wait_committed_async(&kafka, "test.rebalance", &topic, TOTAL)
         .await

@@ -116,18 +116,9 @@ async fn broker_down_produce_errors_and_latency_lose_nothing_and_stall_nothing()
     wait_until_rows(&db_pool, 2000)
         .await
         .with_context(|| worker.log_text())?;
-    let k = kafka.clone();
-    let log = worker.log_text();
-    tokio::task::spawn_blocking(move || {
-        wait_until("committed offsets at the end", DEADLINE, || {
-            Ok(k.committed_offsets("test.mocked", "events")
-                .ok()
-                .map(|m| m.values().sum::<i64>())
-                .filter(|n| *n >= 2010))
-        })
-    })
-    .await?
-    .with_context(|| log)?;
+    common::wait_committed_async(&kafka, "test.mocked", "events", 2010)
+        .await
+        .with_context(|| worker.log_text())?;
     assert_eq!(
         worker.metric("weir_records_dead_lettered_total"),
         Some(10),
@@ -136,13 +127,7 @@ async fn broker_down_produce_errors_and_latency_lose_nothing_and_stall_nothing()
     );
     assert!(worker.is_running());
     assert_eq!(worker.readyz(), Some(200), "ready again after recovery");
-    worker.signal("TERM")?;
-    assert_eq!(
-        worker.wait(DEADLINE)?.code(),
-        Some(0),
-        "{}",
-        worker.log_text()
-    );
+    worker.stop()?;
     drop(cluster);
     Ok(())
 }

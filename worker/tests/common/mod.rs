@@ -65,6 +65,18 @@ impl Worker {
         }
     }
 
+    /// SIGTERM, then asserts a clean exit (code 0) within the deadline.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        self.signal("TERM")?;
+        let status = self.wait(DEADLINE)?;
+        anyhow::ensure!(
+            status.code() == Some(0),
+            "worker exited with {status} after SIGTERM; log:\n{}",
+            self.log_text()
+        );
+        Ok(())
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
