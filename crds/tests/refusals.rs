@@ -203,3 +203,39 @@ fn multi_document_files_report_the_failing_document() {
     assert_eq!(err.document, 2);
     assert!(err.problems.contains_path("spec.partitions"), "{err}");
 }
+
+#[test]
+fn sql_sink_urls_are_checked_for_their_kind_and_for_passwords() {
+    let with_url =
+        |url: &str| PIPELINE.replace("urlFrom: {env: DATABASE_URL}", &format!("url: {url}"));
+    assert_eq!(
+        problems(&with_url("postgres://db.internal:5432/app")),
+        vec![]
+    );
+    assert_refused(
+        &with_url("postgres://app:hunter2@db.internal:5432/app"),
+        "spec.sinks[0].postgres.url",
+        "move the URL to urlFrom",
+    );
+    assert_refused(
+        &with_url("mysql://db/app"),
+        "spec.sinks[0].postgres.url",
+        "must start with postgres:// or postgresql://",
+    );
+    let sqlite = with_url("sqlite:///data/orders.db").replace("- postgres:", "- sqlite:");
+    assert_eq!(problems(&sqlite), vec![]);
+    assert_refused(
+        &sqlite.replace("sqlite:///data", "/data"),
+        "spec.sinks[0].sqlite.url",
+        "must start with sqlite:",
+    );
+    let both = PIPELINE.replace(
+        "urlFrom: {env: DATABASE_URL}",
+        "urlFrom: {env: DATABASE_URL}\n        url: postgres://db/app",
+    );
+    assert_refused(
+        &both,
+        "spec.sinks[0].postgres",
+        "set exactly one of url, urlFrom",
+    );
+}

@@ -403,6 +403,7 @@ impl Writer {
                 continue;
             }
             let rejected = self.write_with_retries(i, &input).await?;
+            Metrics::add(&self.metrics.skipped, self.sinks[i].1.take_skipped());
             for Rejected {
                 index,
                 class,

@@ -9,14 +9,14 @@ use crate::duration::DurationString;
 use crate::reference::{ConnectionRef, SecretSource};
 
 /// The sink kinds, in the order `Sink` lists them.
-pub const SINK_KINDS: &[&str] = &["postgres", "mysql", "redis", "http", "kafka"];
+pub const SINK_KINDS: &[&str] = &["postgres", "mysql", "sqlite", "redis", "http", "kafka"];
 
 /// One destination. Set exactly one kind.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.postgres) ? 1 : 0) + (has(self.mysql) ? 1 : 0) + (has(self.redis) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.kafka) ? 1 : 0) == 1",
-    "message": "set exactly one sink kind: postgres, mysql, redis, http or kafka"
+    "rule": "(has(self.postgres) ? 1 : 0) + (has(self.mysql) ? 1 : 0) + (has(self.sqlite) ? 1 : 0) + (has(self.redis) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.kafka) ? 1 : 0) == 1",
+    "message": "set exactly one sink kind: postgres, mysql, sqlite, redis, http or kafka"
 }]))]
 pub struct Sink {
     /// A name for metrics and logs; defaults to the kind and position, e.g. `postgres-0`.
@@ -28,6 +28,11 @@ pub struct Sink {
     /// Write to a MySQL or MariaDB table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql: Option<SqlSink>,
+    /// Write to a table in a SQLite database file (`url: sqlite:///data/todos.db`): for
+    /// local and edge use. In Kubernetes the file must be on a volume of the worker's pod,
+    /// and only one worker may write it (maxReplicas: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqlite: Option<SqlSink>,
     /// Write keys to Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSink>,
@@ -45,6 +50,7 @@ impl Sink {
         let set = [
             self.postgres.is_some(),
             self.mysql.is_some(),
+            self.sqlite.is_some(),
             self.redis.is_some(),
             self.http.is_some(),
             self.kafka.is_some(),
@@ -57,13 +63,23 @@ impl Sink {
     }
 }
 
-/// A table in PostgreSQL or MySQL, written in one round trip per batch.
+/// A table in PostgreSQL, MySQL or SQLite, written in one transaction per batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.url) != has(self.urlFrom)",
+    "message": "set exactly one of url, urlFrom"
+}]))]
 pub struct SqlSink {
-    /// Where the connection URL (with credentials), e.g.
+    /// The connection URL when it holds no secret, e.g. `sqlite:///data/todos.db` or
+    /// `postgres://db.example:5432/app` (credentials from the environment or a
+    /// passfile). A URL with a password belongs in `urlFrom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Where the connection URL with credentials, e.g.
     /// `postgres://user:pass@host:5432/db`, comes from.
-    pub url_from: SecretSource,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_from: Option<SecretSource>,
     /// The table, optionally schema-qualified (`projections.todos`).
     #[schemars(length(min = 1))]
     pub table: String,

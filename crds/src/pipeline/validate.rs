@@ -123,10 +123,17 @@ fn validate_sinks(spec_value: &EventPipelineSpec, spec: &mut Collector<'_>) {
             at.field_error("name", format!("{name:?} is used by another sink"));
         }
         if let Some(pg) = &sink.postgres {
-            validate_sql(pg, &mut at.at("postgres"));
+            validate_sql(
+                pg,
+                &["postgres://", "postgresql://"],
+                &mut at.at("postgres"),
+            );
         }
         if let Some(my) = &sink.mysql {
-            validate_sql(my, &mut at.at("mysql"));
+            validate_sql(my, &["mysql://", "mariadb://"], &mut at.at("mysql"));
+        }
+        if let Some(lite) = &sink.sqlite {
+            validate_sql(lite, &["sqlite:"], &mut at.at("sqlite"));
         }
         if let Some(redis) = &sink.redis {
             validate_redis(redis, &mut at.at("redis"));
@@ -166,8 +173,25 @@ fn validate_sinks(spec_value: &EventPipelineSpec, spec: &mut Collector<'_>) {
     }
 }
 
-fn validate_sql(sink: &SqlSink, at: &mut Collector<'_>) {
-    check_secret_source(&sink.url_from, &mut at.at("urlFrom"));
+/// `schemes`: the URL prefixes the sink's kind accepts.
+fn validate_sql(sink: &SqlSink, schemes: &[&str], at: &mut Collector<'_>) {
+    match (&sink.url, &sink.url_from) {
+        (Some(url), None) => {
+            if !schemes.iter().any(|s| url.starts_with(s)) {
+                at.field_error(
+                    "url",
+                    format!("{url:?} must start with {}", schemes.join(" or ")),
+                );
+            } else if has_password(url) {
+                at.field_error(
+                    "url",
+                    "holds a password: move the URL to urlFrom (a Secret, an environment variable or a file) so it never appears in the resource",
+                );
+            }
+        }
+        (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
+        _ => at.error("set exactly one of url, urlFrom"),
+    }
     if !is_sql_table_name(&sink.table) {
         at.field_error(
             "table",
@@ -464,6 +488,17 @@ fn is_sql_identifier(name: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && name.len() <= 63
+}
+
+/// Whether a URL carries `user:password@`.
+fn has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(credentials, _)| credentials.contains(':'))
 }
 
 fn is_sql_table_name(name: &str) -> bool {

@@ -3,10 +3,13 @@
 //! engine.
 
 pub mod postgres;
+pub mod sql;
+pub mod sqlite;
 
 use serde_json::Value;
 use weir_crds::{EventPipelineSpec, Sink as SinkSpec};
 
+use self::sql::Idempotency;
 use crate::config::resolve_secret;
 use crate::record::Record;
 use crate::retry::ErrorClass;
@@ -39,6 +42,7 @@ pub struct SinkError {
 #[derive(Debug)]
 pub enum Sink {
     Postgres(postgres::PostgresSink),
+    Sqlite(sqlite::SqliteSink),
 }
 
 impl Sink {
@@ -48,8 +52,8 @@ impl Sink {
         let idempotency = spec
             .idempotency
             .as_ref()
-            .map(|i| -> Result<postgres::Idempotency, String> {
-                Ok(postgres::Idempotency {
+            .map(|i| -> Result<Idempotency, String> {
+                Ok(Idempotency {
                     scope: scope.to_owned(),
                     key: i.key.clone(),
                     window: i.window.parse()?,
@@ -66,13 +70,16 @@ impl Sink {
                 let name = sink_name(sink, i);
                 let built = match sink {
                     SinkSpec { postgres: Some(pg), .. } => {
-                        let url = resolve_secret(&pg.url_from)
-                            .map_err(|e| format!("spec.sinks[{i}].postgres.urlFrom: {e}"))?;
+                        let url = sql_url(pg, &format!("spec.sinks[{i}].postgres"))?;
                         Sink::Postgres(postgres::PostgresSink::new(pg.clone(), &url, idempotency.clone())?)
+                    }
+                    SinkSpec { sqlite: Some(lite), .. } => {
+                        let url = sql_url(lite, &format!("spec.sinks[{i}].sqlite"))?;
+                        Sink::Sqlite(sqlite::SqliteSink::new(lite.clone(), &url, idempotency.clone())?)
                     }
                     other => {
                         return Err(format!(
-                            "spec.sinks[{i}]: the {} sink is not available in this worker version yet; the postgres sink is",
+                            "spec.sinks[{i}]: the {} sink is not available in this worker version yet; the postgres and sqlite sinks are",
                             other.kinds().join("/")
                         ));
                     }
@@ -85,18 +92,29 @@ impl Sink {
     pub async fn prepare(&self) -> Result<(), SinkError> {
         match self {
             Sink::Postgres(s) => s.prepare().await,
+            Sink::Sqlite(s) => s.prepare().await,
         }
     }
 
     pub async fn write(&mut self, input: &[WriteInput<'_>]) -> Result<Vec<Rejected>, SinkError> {
         match self {
             Sink::Postgres(s) => s.write(input).await,
+            Sink::Sqlite(s) => s.write(input).await,
+        }
+    }
+
+    /// Events skipped since the last call: matched by no rule, or already applied.
+    pub fn take_skipped(&mut self) -> usize {
+        match self {
+            Sink::Postgres(s) => s.take_skipped(),
+            Sink::Sqlite(s) => s.take_skipped(),
         }
     }
 
     pub async fn close(&self) {
         match self {
             Sink::Postgres(s) => s.close().await,
+            Sink::Sqlite(s) => s.close().await,
         }
     }
 }
@@ -109,4 +127,45 @@ pub fn sink_name(sink: &SinkSpec, index: usize) -> String {
             sink.kinds().first().copied().unwrap_or("sink")
         )
     })
+}
+
+/// A SQL sink's connection URL: `url`, or the secret `urlFrom` names.
+fn sql_url(spec: &weir_crds::SqlSink, at: &str) -> Result<String, String> {
+    match (&spec.url, &spec.url_from) {
+        (Some(url), _) => Ok(url.clone()),
+        (None, Some(from)) => resolve_secret(from).map_err(|e| format!("{at}.urlFrom: {e}")),
+        (None, None) => Err(format!("{at}: set url or urlFrom")),
+    }
+}
+
+/// Removes a password from any URL in a message.
+pub fn redact(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|word| match (word.find("://"), word.find('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let credentials = &word[scheme + 3..at];
+                match credentials.split_once(':') {
+                    Some((user, _)) => format!("{}{user}:***{}", &word[..scheme + 3], &word[at..]),
+                    None => word.to_owned(),
+                }
+            }
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact("cannot reach postgres://app:s3cret@db:5432/x now"),
+            "cannot reach postgres://app:***@db:5432/x now"
+        );
+        assert_eq!(redact("sqlite:///data/x.db"), "sqlite:///data/x.db");
+    }
 }

@@ -1,0 +1,350 @@
+//! The SQLite sink: the PostgreSQL sink's modes and rules over a database file, for local
+//! and edge use. One transaction per batch; within it, one prepared statement per group
+//! of the plan (see `sql::plan`), run once per row: SQLite runs in-process, so a row costs
+//! no round trip. Idempotency keys are written in the same transaction as the rows.
+
+use std::collections::HashSet;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{Sqlite, SqliteConnection};
+use weir_crds::{ColumnType, SqlSink};
+
+use super::sql::plan::{Action, Group, Step, plan};
+use super::sql::{Applied, Idempotency, Projection, Transact, quote, quote_table, write_bisecting};
+use super::{Rejected, SinkError, WriteInput, redact};
+use crate::retry::ErrorClass;
+
+#[derive(Debug)]
+pub struct SqliteSink {
+    projection: Projection,
+    pool: SqlitePool,
+    idempotency: Option<Idempotency>,
+    batches: u64,
+    /// Events skipped (no rule matched, or already applied) since last taken.
+    skipped: usize,
+}
+
+impl SqliteSink {
+    /// Builds the sink for `url` (`sqlite:///abs/path.db`, `sqlite://rel/path.db` or
+    /// `sqlite::memory:`); the file is created when missing, on first use.
+    pub fn new(spec: SqlSink, url: &str, idempotency: Option<Idempotency>) -> Result<Self, String> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| format!("invalid SQLite URL {url:?}: {}", redact(&e.to_string())))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5));
+        // One connection: SQLite has one writer at a time, and an in-memory database
+        // exists only on the connection that made it.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with(options);
+        Ok(Self {
+            projection: Projection::new(spec)?,
+            pool,
+            idempotency,
+            batches: 0,
+            skipped: 0,
+        })
+    }
+
+    /// Creates Weir's own bookkeeping table when idempotency is on.
+    pub async fn prepare(&self) -> Result<(), SinkError> {
+        if self.idempotency.is_some() {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS weir_idempotency (
+                    scope TEXT NOT NULL,
+                    key TEXT NOT NULL,
+                    applied_at INTEGER NOT NULL,
+                    PRIMARY KEY (scope, key))",
+            )
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the events; returns those refused permanently (a constraint violation, a
+    /// value that does not fit its column), so the rest of the batch still lands.
+    pub async fn write(&mut self, input: &[WriteInput<'_>]) -> Result<Vec<Rejected>, SinkError> {
+        let (steps, mut refused) = self.projection.steps(input);
+        let applied = write_bisecting(&*self, &steps).await?;
+        self.skipped += input.len() - steps.len() - refused.len() + applied.duplicates;
+        refused.extend(applied.rejected);
+        self.batches += 1;
+        if self.batches.is_multiple_of(100)
+            && let Some(idempotency) = &self.idempotency
+        {
+            let result = sqlx::query(
+                "DELETE FROM weir_idempotency WHERE scope = ?1 AND applied_at < unixepoch() - ?2",
+            )
+            .bind(&idempotency.scope)
+            .bind(idempotency.window.as_secs() as i64)
+            .execute(&self.pool)
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "expiring idempotency keys failed; retried later");
+            }
+        }
+        Ok(refused)
+    }
+
+    /// Events skipped since the last call: matched by no rule, or already applied.
+    pub fn take_skipped(&mut self) -> usize {
+        std::mem::take(&mut self.skipped)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+impl Transact for SqliteSink {
+    async fn transaction(&self, steps: &[Step<'_>]) -> Result<Applied, SinkError> {
+        let spec = &self.projection.spec;
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let (fresh, keys) = match &self.idempotency {
+            None => (steps.to_vec(), Vec::new()),
+            Some(idempotency) => {
+                let candidates: Vec<String> = steps
+                    .iter()
+                    .filter_map(|s| idempotency.key_of(s.event))
+                    .collect();
+                let seen: Vec<(String,)> = sqlx::query_as(
+                    "SELECT key FROM weir_idempotency
+                     WHERE scope = ?1 AND key IN (SELECT value FROM json_each(?2))
+                       AND applied_at > unixepoch() - ?3",
+                )
+                .bind(&idempotency.scope)
+                .bind(serde_json::Value::from(candidates).to_string())
+                .bind(idempotency.window.as_secs() as i64)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?;
+                let seen: HashSet<String> = seen.into_iter().map(|(k,)| k).collect();
+                idempotency.fresh(steps, seen)
+            }
+        };
+        let duplicates = steps.len() - fresh.len();
+        let plan = plan(spec, &fresh);
+        for group in &plan.groups {
+            execute(&mut tx, spec, group).await?;
+        }
+        if let (Some(idempotency), false) = (&self.idempotency, keys.is_empty()) {
+            sqlx::query(
+                "INSERT INTO weir_idempotency (scope, key, applied_at)
+                 SELECT ?1, value, unixepoch() FROM json_each(?2) WHERE true
+                 ON CONFLICT (scope, key) DO UPDATE SET applied_at = excluded.applied_at",
+            )
+            .bind(&idempotency.scope)
+            .bind(serde_json::Value::from(keys).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(Applied::new(plan.rejected, duplicates))
+    }
+}
+
+/// Runs one group's statement once per row.
+async fn execute(
+    conn: &mut SqliteConnection,
+    spec: &SqlSink,
+    group: &Group,
+) -> Result<(), SinkError> {
+    let Some(sql) = statement(spec, group) else {
+        return Ok(());
+    };
+    for row in &group.rows {
+        let mut query = sqlx::query::<Sqlite>(sqlx::AssertSqlSafe(sql.clone()));
+        for ((name, type_), value) in group.columns.iter().zip(row) {
+            let value = value.as_deref();
+            query = match type_ {
+                ColumnType::Integer | ColumnType::Bigint => query.bind(
+                    value
+                        .map(|v| parse(name, v, "an integer", |v| v.parse::<i64>().ok()))
+                        .transpose()?,
+                ),
+                ColumnType::Boolean => query.bind(
+                    value
+                        .map(|v| {
+                            parse(name, v, "a boolean", |v| match v {
+                                "true" | "t" | "1" => Some(true),
+                                "false" | "f" | "0" => Some(false),
+                                _ => None,
+                            })
+                        })
+                        .transpose()?,
+                ),
+                ColumnType::Uuid => query.bind(
+                    value
+                        .map(|v| {
+                            parse(name, v, "a UUID", |v| {
+                                is_uuid(v).then(|| v.to_ascii_lowercase())
+                            })
+                        })
+                        .transpose()?,
+                ),
+                ColumnType::Text
+                | ColumnType::Numeric
+                | ColumnType::Timestamptz
+                | ColumnType::Jsonb => query.bind(value.map(str::to_owned)),
+            };
+        }
+        query.execute(&mut *conn).await.map_err(classify)?;
+    }
+    Ok(())
+}
+
+/// A value converted for its column, or a permanent error naming the column.
+fn parse<T>(
+    column: &str,
+    value: &str,
+    what: &str,
+    convert: impl Fn(&str) -> Option<T>,
+) -> Result<T, SinkError> {
+    convert(value).ok_or_else(|| SinkError {
+        class: ErrorClass::Permanent,
+        message: format!("column {column:?}: {value:?} is not {what}"),
+    })
+}
+
+fn is_uuid(text: &str) -> bool {
+    text.len() == 36
+        && text.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The SQL of one group for one row, parameters `?1..` in the group's column order;
+/// `None` when there is nothing to do (an update of key columns only).
+pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
+    let table = quote_table(&spec.table);
+    let is_key = |name: &str| spec.key_columns.iter().any(|k| k == name);
+    let params = |keys: bool| -> Vec<String> {
+        group
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| is_key(n) == keys)
+            .map(|(i, (n, _))| format!("{} = ?{}", quote(n), i + 1))
+            .collect()
+    };
+    let names: Vec<String> = group.columns.iter().map(|(n, _)| quote(n)).collect();
+    let values: Vec<String> = (1..=group.columns.len()).map(|i| format!("?{i}")).collect();
+    let insert = format!(
+        "INSERT INTO {table} ({}) VALUES ({})",
+        names.join(", "),
+        values.join(", ")
+    );
+    match group.action {
+        Action::Insert => Some(insert),
+        Action::Upsert => {
+            let keys: Vec<String> = spec.key_columns.iter().map(|k| quote(k)).collect();
+            let updates: Vec<String> = group
+                .columns
+                .iter()
+                .filter(|(n, _)| !is_key(n))
+                .map(|(n, _)| format!("{0} = excluded.{0}", quote(n)))
+                .collect();
+            Some(if updates.is_empty() {
+                format!("{insert} ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+            } else {
+                format!(
+                    "{insert} ON CONFLICT ({}) DO UPDATE SET {}",
+                    keys.join(", "),
+                    updates.join(", ")
+                )
+            })
+        }
+        Action::Update => {
+            let sets = params(false);
+            (!sets.is_empty()).then(|| {
+                format!(
+                    "UPDATE {table} SET {} WHERE {}",
+                    sets.join(", "),
+                    params(true).join(" AND ")
+                )
+            })
+        }
+        Action::Delete => Some(format!(
+            "DELETE FROM {table} WHERE {}",
+            params(true).join(" AND ")
+        )),
+    }
+}
+
+/// Classifies a SQLite error by its primary result code.
+pub fn classify(error: sqlx::Error) -> SinkError {
+    super::sql::classify(error, |code| {
+        match code.parse::<i64>().map(|c| c & 0xff) {
+            // SQLITE_CONSTRAINT, SQLITE_MISMATCH, SQLITE_TOOBIG, SQLITE_RANGE: this record
+            Ok(19 | 20 | 18 | 25) => ErrorClass::Permanent,
+            // SQLITE_BUSY, SQLITE_LOCKED: another writer; try again
+            Ok(5 | 6) => ErrorClass::Transient,
+            // SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN: the disk
+            Ok(10 | 13 | 14) => ErrorClass::Unavailable,
+            // SQLITE_ERROR (no such table or column), SQLITE_READONLY, SQLITE_CORRUPT, …:
+            // the spec does not fit the database
+            _ => ErrorClass::Fatal,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_crds::WriteMode;
+
+    fn group(action: Action, columns: &[(&str, ColumnType)]) -> Group {
+        Group {
+            action,
+            columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
+            rows: vec![],
+            sources: vec![],
+        }
+    }
+
+    #[test]
+    fn statements_bind_columns_by_position() {
+        let spec = SqlSink {
+            table: "todos".into(),
+            mode: WriteMode::Rules,
+            key_columns: vec!["id".into()],
+            ..SqlSink::default()
+        };
+        let columns = [("id", ColumnType::Uuid), ("title", ColumnType::Text)];
+        assert_eq!(
+            statement(&spec, &group(Action::Upsert, &columns)).as_deref(),
+            Some(
+                "INSERT INTO \"todos\" (\"id\", \"title\") VALUES (?1, ?2) ON CONFLICT (\"id\") DO UPDATE SET \"title\" = excluded.\"title\""
+            )
+        );
+        assert_eq!(
+            statement(&spec, &group(Action::Update, &columns)).as_deref(),
+            Some("UPDATE \"todos\" SET \"title\" = ?2 WHERE \"id\" = ?1")
+        );
+        assert_eq!(
+            statement(&spec, &group(Action::Delete, &columns[..1])).as_deref(),
+            Some("DELETE FROM \"todos\" WHERE \"id\" = ?1")
+        );
+        assert_eq!(
+            statement(&spec, &group(Action::Update, &columns[..1])),
+            None
+        );
+    }
+
+    #[test]
+    fn uuids_are_checked() {
+        assert!(is_uuid("0b7d5c8e-4c59-4b1e-9d3e-2f1a6c7b8d90"));
+        assert!(!is_uuid("0b7d5c8e-4c59-4b1e-9d3e-2f1a6c7b8d9"));
+        assert!(!is_uuid("0b7d5c8e04c59-4b1e-9d3e-2f1a6c7b8d90"));
+    }
+}
