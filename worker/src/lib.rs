@@ -4,7 +4,9 @@
 pub mod batch;
 pub mod config;
 pub mod dead_letter;
+pub mod embedded;
 pub mod engine;
+pub mod input;
 pub mod metrics;
 pub mod record;
 pub mod retry;

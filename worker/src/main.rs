@@ -1,11 +1,16 @@
-//! `weir-worker`: runs an EventPipeline. Exit codes: 0 success (including a clean stop on
-//! SIGTERM/SIGINT), 2 invalid spec, 1 other failures.
+//! `weir-worker`: runs an EventPipeline, loads events into topics, and shows the whole
+//! thing working in one command (`quickstart`). Exit codes: 0 success (including a clean
+//! stop on SIGTERM/SIGINT), 2 invalid spec or arguments, 1 other failures.
+
+mod cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cli::produce::{Input, Load, OnBadLine};
+use indicatif::ProgressBar;
 use tokio::sync::watch;
 use weir_worker::config::{self, Overrides};
 use weir_worker::engine::{Engine, EngineError};
@@ -43,6 +48,45 @@ enum Command {
         /// Log format: json or text.
         #[arg(long, env = "WEIR_LOG_FORMAT", default_value = "json")]
         log_format: String,
+        /// Start the embedded development broker (in memory, for local use only) with the
+        /// pipeline's topics, instead of connecting to Kafka. Its address is logged, so
+        /// `weir-worker produce --bootstrap-servers <it>` can feed it.
+        #[arg(long, conflicts_with = "bootstrap_servers")]
+        embedded_broker: bool,
+    },
+    /// Load events into a topic from a JSON Lines or CSV file (CSV: the header row names
+    /// the fields).
+    Produce {
+        /// The topic to write to.
+        #[arg(short, long)]
+        topic: String,
+        /// A JSON Lines file (`-` for standard input).
+        #[arg(long, conflicts_with = "csv", required_unless_present = "csv")]
+        jsonl: Option<PathBuf>,
+        /// A CSV file with a header row (`-` for standard input).
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// The field whose value keys each event (e.g. `email` or `payload.userId`); events
+        /// of one key stay in order on one partition.
+        #[arg(short, long)]
+        key: Option<String>,
+        /// At most this many events per second (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// A line that is not JSON, or not CSV matching the header, or has no key: stop
+        /// (fail) or report it and go on (skip).
+        #[arg(long, value_enum, default_value_t = OnBadLine::Fail)]
+        on_bad_line: OnBadLine,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "WEIR_KAFKA_BOOTSTRAP_SERVERS")]
+        bootstrap_servers: String,
+    },
+    /// See a pipeline run with nothing installed: an embedded broker, the sample todo
+    /// events, the todo-projection pipeline into a SQLite file, then the projected table.
+    Quickstart {
+        /// The SQLite file the projection writes (kept between runs).
+        #[arg(long, default_value = "weir-quickstart.db")]
+        database: PathBuf,
     },
     /// Check a pipeline file: parse it and report every problem with its field path.
     Validate {
@@ -53,6 +97,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match Cli::parse().command {
         Command::Validate { file } => validate(file),
         Command::Run {
@@ -62,30 +117,83 @@ fn main() -> ExitCode {
             instance_id,
             metrics_addr,
             log_format,
+            embedded_broker,
         } => {
-            init_logs(&log_format);
+            let status = cli::status::line();
+            init_logs(&log_format, "info,rdkafka=warn,sqlx=warn", status.clone());
             let overrides = Overrides {
                 bootstrap_servers,
                 namespace,
                 instance_id,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the async runtime");
-                    return ExitCode::FAILURE;
+            runtime.block_on(run(file, overrides, metrics_addr, embedded_broker, status))
+        }
+        Command::Produce {
+            topic,
+            jsonl,
+            csv,
+            key,
+            rate,
+            on_bad_line,
+            bootstrap_servers,
+        } => {
+            let (path, format) = match (jsonl, csv) {
+                (Some(path), _) => (path, weir_worker::input::InputFormat::JsonLines),
+                (None, Some(path)) => (path, weir_worker::input::InputFormat::Csv),
+                (None, None) => {
+                    eprintln!("error: name the input with --jsonl or --csv");
+                    return ExitCode::from(2);
                 }
             };
-            runtime.block_on(run(file, overrides, metrics_addr))
+            let load = Load {
+                input: Input::File(path),
+                format,
+                key,
+                rate,
+                on_bad_line,
+            };
+            report(runtime.block_on(cli::produce::command(&bootstrap_servers, &topic, &load)))
+        }
+        Command::Quickstart { database } => {
+            // The output is the table and counts; logs only for errors unless RUST_LOG asks.
+            init_logs("text", "error", None);
+            report(runtime.block_on(cli::quickstart::run(&database)))
         }
     }
 }
 
-async fn run(file: PathBuf, overrides: Overrides, metrics_addr: SocketAddr) -> ExitCode {
+/// Exit code 0, or 1 with the error and its causes.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(
+    file: PathBuf,
+    mut overrides: Overrides,
+    metrics_addr: SocketAddr,
+    embedded_broker: bool,
+    status: Option<ProgressBar>,
+) -> ExitCode {
+    // Kept alive while the pipeline runs.
+    let mut broker = None;
+    if embedded_broker {
+        match start_embedded_broker(&file) {
+            Ok(started) => {
+                overrides.bootstrap_servers = Some(started.bootstrap_servers());
+                broker = Some(started);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let config = match config::load(&file, &overrides) {
         Ok(config) => config,
         Err(e) => {
@@ -99,6 +207,13 @@ async fn run(file: PathBuf, overrides: Overrides, metrics_addr: SocketAddr) -> E
         }
     };
     let metrics = Metrics::new(&config.name);
+    if let Some(bar) = status {
+        tokio::spawn(cli::status::follow(
+            bar,
+            config.name.clone(),
+            metrics.clone(),
+        ));
+    }
     match tokio::net::TcpListener::bind(metrics_addr).await {
         Ok(listener) => {
             tracing::info!(addr = %metrics_addr, "serving /metrics /healthz /readyz");
@@ -126,7 +241,9 @@ async fn run(file: PathBuf, overrides: Overrides, metrics_addr: SocketAddr) -> E
             };
         }
     };
-    match engine.run().await {
+    let result = engine.run().await;
+    drop(broker);
+    match result {
         Ok(()) => {
             tracing::info!("stopped cleanly");
             ExitCode::SUCCESS
@@ -156,14 +273,54 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logs(format: &str) {
+/// Starts the embedded broker with the topics the pipeline file names (partitions from its
+/// KafkaTopics, else 1).
+fn start_embedded_broker(
+    file: &std::path::Path,
+) -> anyhow::Result<weir_worker::embedded::EmbeddedBroker> {
+    use anyhow::Context as _;
+    let read = config::read(file)?;
+    let text = std::fs::read_to_string(file)?;
+    let topics: Vec<(String, i32)> = weir_crds::load::from_yaml(&text)?
+        .into_iter()
+        .filter_map(|r| match r {
+            weir_crds::load::Resource::KafkaTopic(t) => Some((
+                t.spec.topic_name.clone().unwrap_or(t.metadata.name.clone()),
+                t.spec.partitions,
+            )),
+            _ => None,
+        })
+        .collect();
+    let broker = weir_worker::embedded::EmbeddedBroker::start()
+        .context("cannot start the embedded broker")?;
+    let spec = &read.pipeline.spec;
+    let wanted = spec
+        .source
+        .topics
+        .iter()
+        .chain(spec.dead_letter.as_ref().map(|d| &d.topic));
+    for topic in wanted {
+        let partitions = topics
+            .iter()
+            .find(|(name, _)| name == topic)
+            .map_or(1, |(_, p)| *p);
+        broker.create_topic(topic, partitions)?;
+    }
+    tracing::warn!(
+        bootstrap_servers = %broker.bootstrap_servers(),
+        "embedded development broker started: in memory, for local use only; its data is lost when the worker exits"
+    );
+    Ok(broker)
+}
+
+fn init_logs(format: &str, default_filter: &str, status: Option<ProgressBar>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(move || cli::status::Stderr(status.clone()));
     if format == "text" {
         builder.init();
     } else {

@@ -215,6 +215,47 @@ pub type ReadRecord = (Option<Vec<u8>>, HashMap<String, String>);
 /// Every record of `topic` (all partitions, from the start) with its headers, until
 /// `count` have been read.
 pub fn read_topic(kafka: &TestKafka, topic: &str, count: usize) -> anyhow::Result<Vec<ReadRecord>> {
+    read_with(kafka, topic, count, |message| {
+        let mut headers = HashMap::new();
+        if let Some(h) = message.headers() {
+            use rdkafka::message::Headers;
+            for header in h.iter() {
+                headers.insert(
+                    header.key.to_owned(),
+                    String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        (message.payload().map(<[u8]>::to_vec), headers)
+    })
+}
+
+/// Every record of `topic` (all partitions, from the start) as its key and its value
+/// parsed as JSON (null when it is not JSON), until `count` have been read.
+pub fn read_keyed(
+    kafka: &TestKafka,
+    topic: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(Option<String>, Value)>> {
+    read_with(kafka, topic, count, |message| {
+        (
+            message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            message
+                .payload()
+                .and_then(|p| serde_json::from_slice(p).ok())
+                .unwrap_or(Value::Null),
+        )
+    })
+}
+
+fn read_with<T>(
+    kafka: &TestKafka,
+    topic: &str,
+    count: usize,
+    convert: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> T,
+) -> anyhow::Result<Vec<T>> {
     let consumer: BaseConsumer = kafka
         .config()
         .set("group.id", unique_name("reader"))
@@ -231,18 +272,7 @@ pub fn read_topic(kafka: &TestKafka, topic: &str, count: usize) -> anyhow::Resul
             out.len()
         );
         if let Some(message) = consumer.poll(Duration::from_millis(200)) {
-            let message = message?;
-            let mut headers = HashMap::new();
-            if let Some(h) = rdkafka::message::Message::headers(&message) {
-                use rdkafka::message::Headers;
-                for header in h.iter() {
-                    headers.insert(
-                        header.key.to_owned(),
-                        String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                    );
-                }
-            }
-            out.push((message.payload().map(<[u8]>::to_vec), headers));
+            out.push(convert(&message?));
         }
     }
     consumer.unsubscribe();
