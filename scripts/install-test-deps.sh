@@ -4,6 +4,8 @@
 #   - PostgreSQL and Redis (Debian packages)
 #   - the pinned Apache Kafka broker jars (Maven Central, via testkit/kafka/pom.xml) into
 #     the tools directory ($WEIR_TOOLS_DIR, default ~/.cache/weir-tools)
+#   - kube-apiserver and etcd, built with Go from testkit/kube/go.mod into the tools
+#     directory (about 5 minutes the first time; needs Go 1.26)
 #   - cargo-nextest
 set -euo pipefail
 
@@ -24,13 +26,14 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v java >/dev/null || missing+=(default-jdk-headless)
 command -v mvn >/dev/null || missing+=(maven)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   as_root apt-get update -qq
   as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  say "postgresql, redis-server, java, mvn: present"
+  say "postgresql, redis-server, java, mvn, openssl: present"
 fi
 
 # The Kafka broker's jars.
@@ -46,6 +49,18 @@ else
   rm -rf "$libs"
   mv "$libs.partial" "$libs"
   touch "$libs/.complete"
+fi
+
+# The Kubernetes API server and etcd (testkit/kube/build.sh skips the build when done).
+kube_version="$(sed -n 's/^[[:space:]]*k8s\.io\/kubernetes v\([0-9][0-9.]*\).*/\1/p' "$root/testkit/kube/go.mod")"
+if [ -f "$tools/kube-$kube_version/.complete" ]; then
+  say "kube-apiserver $kube_version and etcd: present in $tools/kube-$kube_version/bin"
+elif ! command -v go >/dev/null; then
+  say "no \`go\` on PATH: install Go 1.26 or newer to build kube-apiserver $kube_version"
+  exit 1
+else
+  say "building kube-apiserver $kube_version and etcd into $tools/kube-$kube_version/bin (about 5 minutes, once)"
+  WEIR_TOOLS_DIR="$tools" "$root/testkit/kube/build.sh"
 fi
 
 # cargo-nextest.

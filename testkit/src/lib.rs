@@ -6,6 +6,8 @@
 //! - [`postgres`]: a PostgreSQL server (shared, one fresh database per test) or a dedicated
 //!   one a test may stop and start.
 //! - [`redis`]: a Redis server per test.
+//! - [`kube`]: a real Kubernetes API server (kube-apiserver on etcd, built from Go modules)
+//!   for the operator: CRD schemas and CEL rules, server-side apply, RBAC.
 //!
 //! Shared servers come from the environment when the test command started them once for
 //! the whole run (`weir-test-services`, see scripts/test.sh); otherwise the first test in a
@@ -15,6 +17,7 @@
 //! the part and why: nothing is skipped silently.
 
 pub mod kafka;
+pub mod kube;
 pub mod postgres;
 mod process;
 pub mod redis;
@@ -23,6 +26,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub use self::kube::{Identity, KubeApiServer};
 pub use kafka::{KafkaServer, TestKafka};
 pub use postgres::{PostgresServer, TestDatabase};
 pub use redis::RedisServer;
@@ -33,12 +37,16 @@ pub mod env {
     pub const KAFKA_BOOTSTRAP: &str = "WEIR_TEST_KAFKA_BOOTSTRAP";
     /// URL of the shared PostgreSQL server's `postgres` database (superuser, trust auth).
     pub const POSTGRES_URL: &str = "WEIR_TEST_POSTGRES_URL";
-    /// Where installed tools live (Kafka jars); see scripts/install-test-deps.sh.
+    /// Where installed tools live (Kafka jars, kube-apiserver and etcd); see
+    /// scripts/install-test-deps.sh.
     pub const TOOLS_DIR: &str = "WEIR_TOOLS_DIR";
 }
 
 /// The Kafka version whose jars scripts/install-test-deps.sh installs.
 pub const KAFKA_VERSION: &str = "4.3.1";
+
+/// The Kubernetes version whose kube-apiserver testkit/kube/go.mod builds.
+pub const KUBERNETES_VERSION: &str = "1.36.3";
 
 /// Why a part of the harness could not be provided.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +67,13 @@ pub enum HarnessError {
     Sql(#[from] sqlx::Error),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("kube-apiserver: {context}: {source}")]
+    Kube {
+        context: String,
+        source: Box<::kube::Error>,
+    },
+    #[error("manifest {what}: {detail}")]
+    Manifest { what: String, detail: String },
 }
 
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
