@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::reference::SecretKeySelector;
 
 /// Overrides for the worker pods.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerTemplate {
     /// The worker image; defaults to the operator's configured worker image.
@@ -44,6 +44,23 @@ pub struct WorkerTemplate {
 
 fn default_grace() -> i64 {
     30
+}
+
+/// The same as an empty `worker:` in YAML (a 30 s grace period, not 0).
+impl Default for WorkerTemplate {
+    fn default() -> Self {
+        Self {
+            image: None,
+            image_pull_policy: None,
+            resources: None,
+            env: Vec::new(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            pod_labels: BTreeMap::new(),
+            pod_annotations: BTreeMap::new(),
+            termination_grace_period_seconds: default_grace(),
+        }
+    }
 }
 
 /// Requests and limits as Kubernetes quantities (`500m`, `128Mi`).
