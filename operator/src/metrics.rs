@@ -1,0 +1,199 @@
+//! The operator's Prometheus metrics and its /metrics, /healthz and /readyz server.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+
+/// Reconcile durations are bucketed at these bounds (seconds).
+const BUCKETS: [f64; 9] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+#[derive(Debug, Default)]
+struct PerKind {
+    reconciles: u64,
+    errors: u64,
+    /// Cumulative bucket counts, then the sum of seconds.
+    buckets: [u64; BUCKETS.len()],
+    seconds: f64,
+}
+
+/// Counters of the controllers.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    kinds: Mutex<BTreeMap<&'static str, PerKind>>,
+    /// Reconciles started and not finished: the work queue's depth as far as it runs.
+    in_flight: AtomicI64,
+    /// Write requests (applies, patches, creates, deletes, events) made to the API server.
+    writes: AtomicU64,
+    leader: AtomicBool,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    /// A reconcile of `kind` starts.
+    pub fn started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A reconcile of `kind` ended after `seconds`, with an error or not.
+    pub fn finished(&self, kind: &'static str, seconds: f64, failed: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut kinds) = self.kinds.lock() {
+            let entry = kinds.entry(kind).or_default();
+            entry.reconciles += 1;
+            entry.errors += u64::from(failed);
+            entry.seconds += seconds;
+            for (bound, count) in BUCKETS.iter().zip(entry.buckets.iter_mut()) {
+                if seconds <= *bound {
+                    *count += 1;
+                }
+            }
+        }
+    }
+
+    /// One write request to the API server.
+    pub fn write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    pub fn reconciles(&self, kind: &str) -> u64 {
+        self.kinds
+            .lock()
+            .ok()
+            .and_then(|k| k.get(kind).map(|p| p.reconciles))
+            .unwrap_or(0)
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let kinds = self.kinds.lock().map(|k| {
+            k.iter()
+                .map(|(kind, p)| (*kind, p.reconciles, p.errors, p.buckets, p.seconds))
+                .collect::<Vec<_>>()
+        });
+        let kinds = kinds.unwrap_or_default();
+        out.push_str("# HELP weir_operator_reconciles_total Reconciles run, per kind.\n# TYPE weir_operator_reconciles_total counter\n");
+        for (kind, reconciles, ..) in &kinds {
+            let _ = writeln!(
+                out,
+                "weir_operator_reconciles_total{{kind=\"{kind}\"}} {reconciles}"
+            );
+        }
+        out.push_str("# HELP weir_operator_reconcile_errors_total Reconciles that failed, per kind.\n# TYPE weir_operator_reconcile_errors_total counter\n");
+        for (kind, _, errors, ..) in &kinds {
+            let _ = writeln!(
+                out,
+                "weir_operator_reconcile_errors_total{{kind=\"{kind}\"}} {errors}"
+            );
+        }
+        out.push_str("# HELP weir_operator_reconcile_duration_seconds Time per reconcile, per kind.\n# TYPE weir_operator_reconcile_duration_seconds histogram\n");
+        for (kind, reconciles, _, buckets, seconds) in &kinds {
+            for (bound, count) in BUCKETS.iter().zip(buckets) {
+                let _ = writeln!(
+                    out,
+                    "weir_operator_reconcile_duration_seconds_bucket{{kind=\"{kind}\",le=\"{bound}\"}} {count}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "weir_operator_reconcile_duration_seconds_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {reconciles}\nweir_operator_reconcile_duration_seconds_sum{{kind=\"{kind}\"}} {seconds}\nweir_operator_reconcile_duration_seconds_count{{kind=\"{kind}\"}} {reconciles}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP weir_operator_reconciles_in_flight Reconciles running now.\n# TYPE weir_operator_reconciles_in_flight gauge\nweir_operator_reconciles_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP weir_operator_api_writes_total Write requests made to the Kubernetes API.\n# TYPE weir_operator_api_writes_total counter\nweir_operator_api_writes_total {}",
+            self.writes()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP weir_operator_leader Whether this replica holds the leader Lease.\n# TYPE weir_operator_leader gauge\nweir_operator_leader {}",
+            u8::from(self.leader.load(Ordering::Relaxed))
+        );
+        out
+    }
+}
+
+/// Serves GET /metrics, /healthz and /readyz until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(512);
+            let mut chunk = [0u8; 512];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 4096 {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head);
+            let (status, body) = match head.split_whitespace().nth(1).unwrap_or("/") {
+                "/metrics" => ("200 OK", metrics.render()),
+                "/healthz" => ("200 OK", "ok\n".to_owned()),
+                "/readyz" if metrics.is_ready() => ("200 OK", "ready\n".to_owned()),
+                "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
+                _ => ("404 Not Found", "not found\n".to_owned()),
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_per_kind_counters_and_histograms() {
+        let m = Metrics::default();
+        m.started();
+        m.finished("KafkaTopic", 0.02, false);
+        m.started();
+        m.finished("KafkaTopic", 2.0, true);
+        m.write();
+        let text = m.render();
+        for line in [
+            "weir_operator_reconciles_total{kind=\"KafkaTopic\"} 2",
+            "weir_operator_reconcile_errors_total{kind=\"KafkaTopic\"} 1",
+            "weir_operator_reconcile_duration_seconds_bucket{kind=\"KafkaTopic\",le=\"0.025\"} 1",
+            "weir_operator_reconcile_duration_seconds_bucket{kind=\"KafkaTopic\",le=\"5\"} 2",
+            "weir_operator_reconciles_in_flight 0",
+            "weir_operator_api_writes_total 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert_eq!(m.reconciles("KafkaTopic"), 2);
+    }
+}
