@@ -3,7 +3,6 @@
 //! A change to a referenced Secret triggers a reconcile (see `secret_mapper`).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
@@ -152,12 +151,12 @@ pub async fn reconcile(
     connection: Arc<KafkaConnection>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let started = Instant::now();
-    ctx.metrics.started();
-    let result = reconcile_inner(&connection, &ctx).await;
-    ctx.metrics
-        .finished(KIND, started.elapsed().as_secs_f64(), result.is_err());
-    result
+    ctx.reconcile(
+        KIND,
+        connection.as_ref(),
+        reconcile_inner(&connection, &ctx),
+    )
+    .await
 }
 
 async fn reconcile_inner(connection: &KafkaConnection, ctx: &Context) -> Result<Action, Error> {
@@ -259,7 +258,6 @@ async fn write_status(
     Ok(())
 }
 
-pub fn error_policy(_: Arc<KafkaConnection>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(%error, "KafkaConnection reconcile failed");
-    Action::requeue(Context::backoff(1))
+pub fn error_policy(object: Arc<KafkaConnection>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry(KIND, object.as_ref(), error)
 }

@@ -1,8 +1,12 @@
 //! What every reconcile shares: the API client, the configuration, caches of the watched
 //! resources, the event recorder and the metrics; and the reconcile error type.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::runtime::controller::Action;
+use tracing::Instrument as _;
 
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -37,6 +41,8 @@ pub struct Context {
     pub connections: Store<KafkaConnection>,
     /// Every KafkaTopic the operator watches (for topic-name conflicts across namespaces).
     pub topics: Store<KafkaTopic>,
+    /// Failures in a row per object (`kind/namespace/name`), for the retry backoff.
+    failures: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -69,7 +75,67 @@ impl Context {
             recorder,
             connections,
             topics,
+            failures: Arc::default(),
         }
+    }
+
+    /// Runs one reconcile of `object` in a span, counting it in the metrics; a success
+    /// resets the object's retry backoff.
+    pub async fn reconcile<K: Resource<DynamicType = ()>>(
+        &self,
+        kind: &'static str,
+        object: &K,
+        work: impl Future<Output = Result<Action, Error>>,
+    ) -> Result<Action, Error> {
+        let key = key(kind, object);
+        let span = tracing::info_span!(
+            "reconcile",
+            kind,
+            namespace = object.meta().namespace.as_deref().unwrap_or_default(),
+            name = object.meta().name.as_deref().unwrap_or_default(),
+            generation = object.meta().generation,
+        );
+        let started = Instant::now();
+        self.metrics.started();
+        let result = work.instrument(span).await;
+        self.metrics
+            .finished(kind, started.elapsed().as_secs_f64(), result.is_err());
+        if result.is_ok()
+            && let Ok(mut failures) = self.failures.lock()
+        {
+            failures.remove(&key);
+        }
+        result
+    }
+
+    /// The error policy: retry after a backoff that doubles with each failure in a row of
+    /// this object (5 s up to 5 min).
+    pub fn retry<K: Resource<DynamicType = ()>>(
+        &self,
+        kind: &'static str,
+        object: &K,
+        error: &Error,
+    ) -> Action {
+        let failures = self
+            .failures
+            .lock()
+            .map(|mut f| {
+                let n = f.entry(key(kind, object)).or_insert(0);
+                *n += 1;
+                *n
+            })
+            .unwrap_or(1);
+        let wait = Self::backoff(failures - 1);
+        tracing::warn!(
+            kind,
+            namespace = object.meta().namespace.as_deref().unwrap_or_default(),
+            name = object.meta().name.as_deref().unwrap_or_default(),
+            %error,
+            failures,
+            retry_in = ?wait,
+            "reconcile failed"
+        );
+        Action::requeue(wait)
     }
 
     /// The KafkaConnection `name` in `namespace`, from the cache.
@@ -108,4 +174,12 @@ impl Context {
         let seconds = 5u64.saturating_mul(1 << failures.min(6));
         Duration::from_secs(seconds.min(300))
     }
+}
+
+fn key<K: Resource<DynamicType = ()>>(kind: &str, object: &K) -> String {
+    format!(
+        "{kind}/{}/{}",
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.meta().name.as_deref().unwrap_or_default()
+    )
 }

@@ -23,6 +23,12 @@ pub enum AdminError {
         operation: &'static str,
         timeout: Duration,
     },
+    #[error("{operation}: no answer from the broker within {timeout:?} ({code}): is it reachable?")]
+    Unreachable {
+        operation: &'static str,
+        timeout: Duration,
+        code: RDKafkaErrorCode,
+    },
     #[error("{operation}: {source}")]
     Kafka {
         operation: &'static str,
@@ -94,7 +100,19 @@ impl Admin {
     ) -> Result<T, AdminError> {
         match tokio::time::timeout(self.timeout + Duration::from_secs(2), future).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(AdminError::Kafka { operation, source }),
+            Ok(Err(source)) => Err(match source.rdkafka_error_code() {
+                Some(
+                    code @ (RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::AllBrokersDown),
+                ) => AdminError::Unreachable {
+                    operation,
+                    timeout: self.timeout,
+                    code,
+                },
+                _ => AdminError::Kafka { operation, source },
+            }),
             Err(_) => Err(AdminError::Timeout {
                 operation,
                 timeout: self.timeout,

@@ -6,7 +6,6 @@
 //! `scaling.minReplicas` (the autoscaler takes this over).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
@@ -25,12 +24,8 @@ use crate::render::{self, CONFIG_HASH_ANNOTATION, Names, render};
 pub const KIND: &str = "EventPipeline";
 
 pub async fn reconcile(pipeline: Arc<EventPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    ctx.metrics.started();
-    let result = reconcile_inner(&pipeline, &ctx).await;
-    ctx.metrics
-        .finished(KIND, started.elapsed().as_secs_f64(), result.is_err());
-    result
+    ctx.reconcile(KIND, pipeline.as_ref(), reconcile_inner(&pipeline, &ctx))
+        .await
 }
 
 async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Action, Error> {
@@ -225,7 +220,6 @@ async fn write_status(
     Ok(())
 }
 
-pub fn error_policy(pipeline: Arc<EventPipeline>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(pipeline = %pipeline.name_any(), %error, "EventPipeline reconcile failed");
-    Action::requeue(Context::backoff(1))
+pub fn error_policy(object: Arc<EventPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry(KIND, object.as_ref(), error)
 }

@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use kube::ResourceExt as _;
 use kube::api::{Api, Patch, PatchParams};
@@ -32,11 +31,9 @@ pub const FINALIZER: &str = "weir.dev/delete-topic";
 pub const ERROR: &str = "Error";
 
 pub async fn reconcile(topic: Arc<KafkaTopic>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    ctx.metrics.started();
-    let result = reconcile_inner(&topic, &ctx).await;
-    ctx.metrics
-        .finished(KIND, started.elapsed().as_secs_f64(), result.is_err());
+    let result = ctx
+        .reconcile(KIND, topic.as_ref(), reconcile_inner(&topic, &ctx))
+        .await;
     if let Err(e) = &result {
         // The failure goes to status too, so `kubectl get` shows it.
         let mut status = topic.status.clone().unwrap_or_default();
@@ -406,7 +403,6 @@ async fn write_status(
     Ok(())
 }
 
-pub fn error_policy(topic: Arc<KafkaTopic>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(topic = %topic.name_any(), %error, "KafkaTopic reconcile failed");
-    Action::requeue(Context::backoff(1))
+pub fn error_policy(object: Arc<KafkaTopic>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry(KIND, object.as_ref(), error)
 }
