@@ -43,3 +43,10 @@ impl Default for OperatorConfig {
         }
     }
 }
+
+impl OperatorConfig {
+    /// Whether resources in `namespace` are the operator's to reconcile.
+    pub fn watches(&self, namespace: &str) -> bool {
+        self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace)
+    }
+}

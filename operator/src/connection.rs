@@ -18,7 +18,6 @@ use weir_crds::{
 
 use crate::conditions;
 use crate::context::{Context, Error};
-use crate::kafka::Admin;
 
 pub const KIND: &str = "KafkaConnection";
 
@@ -234,7 +233,7 @@ async fn probe(
     spec: &KafkaConnectionSpec,
 ) -> Result<crate::kafka::ClusterInfo, Error> {
     let config = client_config(&ctx.client, namespace, spec).await?;
-    let admin = Admin::new(&config, ctx.config.kafka_timeout)?;
+    let admin = ctx.admin(&config)?;
     Ok(admin.cluster().await?)
 }
 

@@ -14,7 +14,7 @@ use kube::{Client, Resource};
 use weir_crds::{KafkaConnection, KafkaTopic};
 
 use crate::config::OperatorConfig;
-use crate::kafka::AdminError;
+use crate::kafka::{Admin, AdminError};
 use crate::metrics::Metrics;
 
 /// Why a reconcile failed; it is retried with backoff.
@@ -30,6 +30,9 @@ pub enum Error {
     Render(#[from] crate::render::RenderError),
 }
 
+/// A client configuration as a sorted list of properties (a cache key).
+type ClientProperties = Vec<(String, String)>;
+
 /// State shared by the controllers.
 #[derive(Clone)]
 pub struct Context {
@@ -43,6 +46,9 @@ pub struct Context {
     pub topics: Store<KafkaTopic>,
     /// Failures in a row per object (`kind/namespace/name`), for the retry backoff.
     failures: Arc<Mutex<HashMap<String, u32>>>,
+    /// One admin client per distinct set of client properties: a librdkafka client owns
+    /// threads and connections, far too much to make per reconcile.
+    admins: Arc<Mutex<HashMap<ClientProperties, Admin>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -76,7 +82,28 @@ impl Context {
             connections,
             topics,
             failures: Arc::default(),
+            admins: Arc::default(),
         }
+    }
+
+    /// The admin client for these client properties, made on first use.
+    pub fn admin(&self, config: &rdkafka::ClientConfig) -> Result<Admin, Error> {
+        let mut key: ClientProperties = config
+            .config_map()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        key.sort();
+        let mut admins = self
+            .admins
+            .lock()
+            .map_err(|_| Error::Connection("the admin client cache is poisoned".into()))?;
+        if let Some(admin) = admins.get(&key) {
+            return Ok(admin.clone());
+        }
+        let admin = Admin::new(config, self.config.kafka_timeout)?;
+        admins.insert(key, admin.clone());
+        Ok(admin)
     }
 
     /// Runs one reconcile of `object` in a span, counting it in the metrics; a success
@@ -88,6 +115,13 @@ impl Context {
         work: impl Future<Output = Result<Action, Error>>,
     ) -> Result<Action, Error> {
         let key = key(kind, object);
+        // With several watched namespaces the watch covers all of them: skip the others.
+        if !self
+            .config
+            .watches(object.meta().namespace.as_deref().unwrap_or_default())
+        {
+            return Ok(Action::await_change());
+        }
         let span = tracing::info_span!(
             "reconcile",
             kind,

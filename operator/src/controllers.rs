@@ -6,6 +6,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::runtime::Controller;
+use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use weir_crds::{EventPipeline, KafkaConnection, KafkaTopic};
@@ -15,7 +16,8 @@ use crate::context::Context;
 use crate::metrics::Metrics;
 use crate::{connection, pipeline, topic};
 
-/// An Api over the watched namespaces: all, or the single one configured.
+/// An Api over the watched namespaces: the single one configured, else all (several
+/// namespaces are filtered in `Context::reconcile`).
 fn api<K>(client: &Client, config: &OperatorConfig) -> Api<K>
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
@@ -26,6 +28,9 @@ where
     }
 }
 
+/// Reconciles run at once by each controller.
+pub const RECONCILE_CONCURRENCY: u16 = 16;
+
 /// Runs the three controllers until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -34,6 +39,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    // Reconciles at once per controller: enough to keep the broker busy, few enough that a
+    // burst of thousands of resources neither times out admin requests nor grows memory.
+    let limits = ControllerConfig::default().concurrency(RECONCILE_CONCURRENCY);
     let watch = watcher::Config::default().any_semantic();
     let connections = Controller::new(api::<KafkaConnection>(&client, &config), watch.clone());
     let connection_store = connections.store();
@@ -55,6 +63,7 @@ pub async fn run(
         topic_store,
     ));
     let connections = connections
+        .with_config(limits.clone())
         .graceful_shutdown_on(shutdown.clone())
         .run(connection::reconcile, connection::error_policy, ctx.clone())
         .for_each(|result| async move {
@@ -63,6 +72,7 @@ pub async fn run(
             }
         });
     let topics = topics
+        .with_config(limits.clone())
         .graceful_shutdown_on(shutdown.clone())
         .run(topic::reconcile, topic::error_policy, ctx.clone())
         .for_each(|result| async move {
@@ -71,6 +81,7 @@ pub async fn run(
             }
         });
     let pipelines = pipelines
+        .with_config(limits.clone())
         .graceful_shutdown_on(shutdown)
         .run(pipeline::reconcile, pipeline::error_policy, ctx)
         .for_each(|result| async move {

@@ -130,7 +130,7 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
                     connection_name(topic.spec.connection_ref.as_ref(), &ctx.config),
                 )
                 .await?;
-                Admin::new(&config, ctx.config.kafka_timeout)?
+                ctx.admin(&config)?
                     .delete(&name)
                     .await?;
                 ctx.event(
@@ -203,7 +203,7 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
         connection_name(topic.spec.connection_ref.as_ref(), &ctx.config),
     )
     .await?;
-    let admin = Admin::new(&config, ctx.config.kafka_timeout)?;
+    let admin = ctx.admin(&config)?;
     let managed: BTreeMap<String, String> = topic
         .spec
         .config
