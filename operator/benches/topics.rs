@@ -114,7 +114,12 @@ async fn run() -> anyhow::Result<()> {
     let operator = Process(
         Command::new(env!("CARGO_BIN_EXE_weir-operator"))
             .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--lease-namespace", "default", "--lease-name", &unique_name("bench")])
+            .args([
+                "--lease-namespace",
+                "default",
+                "--lease-name",
+                &unique_name("bench"),
+            ])
             .args(["--log-format", "text", "--identity", "bench"])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "warn")
@@ -125,12 +130,25 @@ async fn run() -> anyhow::Result<()> {
     let pid = operator.0.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     while metric(port, "weir_operator_leader").await != Some(1.0) {
-        anyhow::ensure!(Instant::now() < deadline, "the operator did not lead within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the operator did not lead within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Idle: leading, caches synced, the connection reconciled, nothing else to do.
-    while metric(port, "weir_operator_reconciles_total{kind=\"KafkaConnection\"}").await.unwrap_or(0.0) < 1.0 {
-        anyhow::ensure!(Instant::now() < deadline, "the connection was not reconciled within 60 s");
+    while metric(
+        port,
+        "weir_operator_reconciles_total{kind=\"KafkaConnection\"}",
+    )
+    .await
+    .unwrap_or(0.0)
+        < 1.0
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the connection was not reconciled within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -150,8 +168,11 @@ async fn run() -> anyhow::Result<()> {
                         .unwrap_or_else(|_| unreachable!("an empty spec is valid"));
                     spec.topic_name = Some(format!("{topic_prefix}-{i}"));
                     async move {
-                        api.create(&PostParams::default(), &KafkaTopic::new(&format!("t-{i}"), spec))
-                            .await
+                        api.create(
+                            &PostParams::default(),
+                            &KafkaTopic::new(&format!("t-{i}"), spec),
+                        )
+                        .await
                     }
                 })
                 .buffer_unordered(CONCURRENCY)
@@ -179,9 +200,15 @@ async fn run() -> anyhow::Result<()> {
         if ready_count >= count {
             break ready_count;
         }
-        anyhow::ensure!(Instant::now() < deadline, "only {ready_count} of {count} topics Ready after 30 min");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {ready_count} of {count} topics Ready after 30 min"
+        );
         if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!("  {ready_count}/{count} Ready after {:.0} s", started.elapsed().as_secs_f64());
+            eprintln!(
+                "  {ready_count}/{count} Ready after {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
             last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -206,7 +233,9 @@ async fn run() -> anyhow::Result<()> {
         floor.as_secs_f64(),
         count as f64 / floor.as_secs_f64()
     );
-    println!("  published figure for another operator: 1,000 topics in about 13 minutes (1.3 topics/s)");
+    println!(
+        "  published figure for another operator: 1,000 topics in about 13 minutes (1.3 topics/s)"
+    );
     drop(operator);
     Ok(())
 }

@@ -130,9 +130,7 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
                     connection_name(topic.spec.connection_ref.as_ref(), &ctx.config),
                 )
                 .await?;
-                ctx.admin(&config)?
-                    .delete(&name)
-                    .await?;
+                ctx.admin(&config)?.delete(&name).await?;
                 ctx.event(
                     topic,
                     false,
