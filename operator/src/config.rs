@@ -25,6 +25,9 @@ pub struct OperatorConfig {
     pub kafka_timeout: Duration,
     /// How often a Ready resource is checked again for drift.
     pub resync: Duration,
+    /// Longest a reconcile may take (an API server that stops answering): it then fails
+    /// and is retried with backoff.
+    pub reconcile_timeout: Duration,
 }
 
 impl Default for OperatorConfig {
@@ -40,6 +43,7 @@ impl Default for OperatorConfig {
             lease_duration: Duration::from_secs(15),
             kafka_timeout: Duration::from_secs(10),
             resync: Duration::from_secs(300),
+            reconcile_timeout: Duration::from_secs(120),
         }
     }
 }

@@ -28,6 +28,10 @@ pub enum Error {
     Connection(String),
     #[error("{0}")]
     Render(#[from] crate::render::RenderError),
+    #[error(
+        "the reconcile did not finish within {0:?} (the API server or the broker stopped answering)"
+    )]
+    Timeout(Duration),
 }
 
 /// A client configuration as a sorted list of properties (a cache key).
@@ -131,7 +135,10 @@ impl Context {
         );
         let started = Instant::now();
         self.metrics.started();
-        let result = work.instrument(span).await;
+        let limit = self.config.reconcile_timeout;
+        let result = tokio::time::timeout(limit, work.instrument(span))
+            .await
+            .unwrap_or(Err(Error::Timeout(limit)));
         self.metrics
             .finished(kind, started.elapsed().as_secs_f64(), result.is_err());
         if result.is_ok()

@@ -61,6 +61,9 @@ struct RunArgs {
     /// How often a Ready resource is checked again for drift.
     #[arg(long, env = "WEIR_RESYNC", default_value = "5m", value_parser = humantime_duration)]
     resync: Duration,
+    /// Longest a reconcile may take before it fails and is retried.
+    #[arg(long, env = "WEIR_RECONCILE_TIMEOUT", default_value = "2m", value_parser = humantime_duration)]
+    reconcile_timeout: Duration,
     /// Log format: json or text.
     #[arg(long, env = "WEIR_LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -107,6 +110,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_name: args.lease_name,
         lease_duration: args.lease_duration,
         resync: args.resync,
+        reconcile_timeout: args.reconcile_timeout,
         ..defaults
     };
     let client = kube::Client::try_default()

@@ -1,9 +1,9 @@
 //! Failures the real API server and broker cannot be made to produce on demand, injected
 //! with mocks (and only here): an API server answering 500 in the middle of a pipeline's
-//! apply (a tower-test handle that asserts each request and answers it, kube-rs's
-//! mock-service style), and a broker too slow to answer (librdkafka's mock cluster with
-//! added latency). In both, the reconcile fails promptly with the cause, makes no further
-//! request, and is retried by the error policy.
+//! apply, and one that stops answering (a tower-test handle that asserts each request and
+//! answers it, or not: kube-rs's mock-service style); a broker too slow to answer
+//! (librdkafka's mock cluster with added latency). The reconcile fails with the cause
+//! within its time limit, makes no further request, and is retried by the error policy.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +34,7 @@ fn context(handle_namespace: &str, bootstrap: &str) -> anyhow::Result<(Arc<Conte
     let (topics, _) = reflector::store::<KafkaTopic>();
     let config = OperatorConfig {
         kafka_timeout: Duration::from_secs(2),
+        reconcile_timeout: Duration::from_secs(4),
         ..OperatorConfig::default()
     };
     let ctx = Context::new(
@@ -133,6 +134,32 @@ async fn a_500_in_the_middle_of_an_apply_fails_the_reconcile_and_stops_there() -
         kube::runtime::controller::Action::await_change(),
         "a failure must be retried"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_api_server_that_stops_answering_times_the_reconcile_out() -> anyhow::Result<()> {
+    let (ctx, mut handle) = context("shop", "127.0.0.1:9")?;
+    let pipeline: EventPipeline = serde_json::from_value(json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "EventPipeline",
+        "metadata": {"name": "orders", "namespace": "shop", "uid": "u-3", "generation": 1},
+        "spec": {"source": {"topics": ["orders"]},
+                 "sinks": [{"postgres": {"url": "postgres://db/app", "table": "orders", "columns": [{"name": "id", "type": "bigint"}]}}]}
+    }))?;
+    let reconcile = tokio::spawn(weir_operator::pipeline::reconcile(Arc::new(pipeline), ctx));
+    // The first request is taken and never answered.
+    let (request, _never_answered) = next(&mut handle).await?;
+    assert_eq!(
+        request.uri().path(),
+        "/apis/apps/v1/namespaces/shop/deployments/orders-worker"
+    );
+    let result = tokio::time::timeout(Duration::from_secs(10), reconcile).await??;
+    match result {
+        Err(e @ Error::Timeout(_)) => {
+            assert!(e.to_string().contains("did not finish within 4s"), "{e}")
+        }
+        other => anyhow::bail!("expected a timeout, got {other:?}"),
+    }
     Ok(())
 }
 
