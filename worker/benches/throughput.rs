@@ -115,6 +115,18 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks: 100 per second on Linux.
+    Some((utime + stime) / 100.0)
+}
+
 struct WorkerRun {
     /// Events per second between the first and the last written batch.
     steady: f64,
@@ -125,6 +137,8 @@ struct WorkerRun {
     p99_ms: f64,
     batches: usize,
     peak_rss_mib: f64,
+    /// CPU seconds the worker used, start to finish.
+    cpu_seconds: f64,
 }
 
 async fn run_worker(
@@ -198,6 +212,7 @@ spec:
     }
     let seconds = started.elapsed().as_secs_f64();
     let peak = peak_rss_mib(child.id()).unwrap_or(f64::NAN);
+    let cpu = cpu_seconds(child.id()).unwrap_or(f64::NAN);
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -247,6 +262,7 @@ spec:
         p99_ms: percentile(&latencies, 99.0),
         batches: latencies.len(),
         peak_rss_mib: peak,
+        cpu_seconds: cpu,
     })
 }
 
@@ -375,7 +391,12 @@ fn main() -> anyhow::Result<()> {
         let produced = produce_all(&kafka, &topic, events, keys).await?;
         writeln!(out, "  produced in {:.1} s", produced.as_secs_f64())?;
 
+        // The machine's speed drifts over minutes: the ceiling is measured right before and
+        // right after the worker, and the worker is compared with their mean.
+        let ceiling_before = postgres_ceiling(&db.pool, events, keys).await?;
+        sqlx::query("TRUNCATE ceiling").execute(&db.pool).await?;
         let run = run_worker(&kafka, &topic, &db.url, events).await?;
+        let ceiling_after = postgres_ceiling(&db.pool, events, keys).await?;
         let (rows, latest): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE version = $1) FROM items")
             .bind((events.div_ceil(keys) - 1) as i32)
             .fetch_one(&db.pool)
@@ -384,12 +405,13 @@ fn main() -> anyhow::Result<()> {
         writeln!(out, "  weir-worker:          {:>9.0} events/s  steady state (first to last batch)", run.steady)?;
         writeln!(out, "                        {:>9.0} events/s  from process start ({:.1} s incl. start-up and group join)", run.rate, run.seconds)?;
         writeln!(out, "                        {} batches, p50 {:.1} ms, p99 {:.1} ms per batch, peak RSS {:.1} MiB", run.batches, run.p50_ms, run.p99_ms, run.peak_rss_mib)?;
+        writeln!(out, "                        worker CPU {:.1} s = {:.0} % of one core over {:.1} s ({:.1} µs per event)", run.cpu_seconds, 100.0 * run.cpu_seconds / run.seconds, run.seconds, 1e6 * run.cpu_seconds / events as f64)?;
         writeln!(out, "  check: {rows} rows, {latest} at their key's latest version -> {}", if correct { "OK" } else { "WRONG" })?;
 
         let baseline = per_record_baseline(&kafka, &topic, &db.pool, sample.min(events)).await?;
         writeln!(out, "  (a) per-record:       {baseline:>9.0} events/s  (INSERT … ON CONFLICT + offset commit per event, {sample} events)")?;
-        let ceiling = postgres_ceiling(&db.pool, events, keys).await?;
-        writeln!(out, "  (b) postgres ceiling: {ceiling:>9.0} rows/s    (1000-row multi-row upsert from memory, same driver)")?;
+        let ceiling = (ceiling_before + ceiling_after) / 2.0;
+        writeln!(out, "  (b) postgres ceiling: {ceiling:>9.0} rows/s    (1000-row multi-row upsert from memory, same driver; {ceiling_before:.0} before the worker, {ceiling_after:.0} after)")?;
         writeln!(out, "  weir / ceiling = {:.0} %   (steady state; target >= 80 %)", 100.0 * run.steady / ceiling)?;
         writeln!(out, "  weir / per-record = {:.0}x  (steady state; target >= 50x)", run.steady / baseline)?;
         writeln!(out, "  peak RSS {:.1} MiB  (target < 64 MiB)", run.peak_rss_mib)?;

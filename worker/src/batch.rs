@@ -6,6 +6,17 @@ use tokio::time::Instant;
 
 use crate::record::Record;
 
+/// What a batch holds: a consumed record, alone or with what has been made of it already.
+pub trait Batched {
+    fn record(&self) -> &Record;
+}
+
+impl Batched for Record {
+    fn record(&self) -> &Record {
+        self
+    }
+}
+
 /// The limits of one batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -16,14 +27,14 @@ pub struct Limits {
 
 /// Records waiting to be written, in the order they were consumed.
 #[derive(Debug)]
-pub struct Batch {
+pub struct Batch<T = Record> {
     limits: Limits,
-    records: Vec<Record>,
+    records: Vec<T>,
     bytes: usize,
     opened: Option<Instant>,
 }
 
-impl Batch {
+impl<T: Batched> Batch<T> {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
@@ -33,12 +44,12 @@ impl Batch {
         }
     }
 
-    pub fn push(&mut self, record: Record) {
+    pub fn push(&mut self, item: T) {
         if self.opened.is_none() {
             self.opened = Some(Instant::now());
         }
-        self.bytes += record.size();
-        self.records.push(record);
+        self.bytes += item.record().size();
+        self.records.push(item);
     }
 
     pub fn len(&self) -> usize {
@@ -63,12 +74,13 @@ impl Batch {
     /// again from the last committed offset, so nothing is lost and nothing was applied.
     pub fn forget_partitions(&mut self, revoked: &[(String, i32)]) -> usize {
         let before = self.records.len();
-        self.records.retain(|r| {
+        self.records.retain(|item| {
+            let r = item.record();
             !revoked
                 .iter()
                 .any(|(t, p)| *t == r.topic && *p == r.partition)
         });
-        self.bytes = self.records.iter().map(Record::size).sum();
+        self.bytes = self.records.iter().map(|item| item.record().size()).sum();
         if self.records.is_empty() {
             self.opened = None;
         }
@@ -76,7 +88,7 @@ impl Batch {
     }
 
     /// Takes the records out, leaving the batch empty.
-    pub fn take(&mut self) -> Vec<Record> {
+    pub fn take(&mut self) -> Vec<T> {
         self.bytes = 0;
         self.opened = None;
         std::mem::take(&mut self.records)
@@ -109,7 +121,7 @@ mod tests {
 
     #[test]
     fn closes_on_record_count() {
-        let mut batch = Batch::new(limits(2, 1 << 20));
+        let mut batch: Batch = Batch::new(limits(2, 1 << 20));
         batch.push(record(0, 0, 1));
         assert!(!batch.is_full());
         batch.push(record(0, 1, 1));
@@ -118,7 +130,7 @@ mod tests {
 
     #[test]
     fn closes_on_bytes() {
-        let mut batch = Batch::new(limits(1000, 10));
+        let mut batch: Batch = Batch::new(limits(1000, 10));
         batch.push(record(0, 0, 6));
         assert!(!batch.is_full());
         batch.push(record(0, 1, 6));
@@ -127,7 +139,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn deadline_starts_with_the_first_record() {
-        let mut batch = Batch::new(limits(10, 1000));
+        let mut batch: Batch = Batch::new(limits(10, 1000));
         assert_eq!(batch.deadline(), None);
         let start = Instant::now();
         batch.push(record(0, 0, 1));
@@ -140,7 +152,7 @@ mod tests {
 
     #[test]
     fn revoked_partitions_are_forgotten_in_order() {
-        let mut batch = Batch::new(limits(10, 1000));
+        let mut batch: Batch = Batch::new(limits(10, 1000));
         for (p, o) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
             batch.push(record(p, o, 1));
         }

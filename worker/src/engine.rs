@@ -29,6 +29,21 @@ use crate::source::{self, Consumer, Revocations};
 use crate::transform::Transformer;
 use weir_crds::PayloadFormat;
 
+/// A consumed record and its event: decoded and transformed as it arrives, so this work
+/// overlaps the write of the previous batch instead of delaying the next one. `Ok(None)`:
+/// filtered out; `Err`: undecodable or failing its transform (a dead letter).
+#[derive(Debug)]
+struct Pending {
+    record: Record,
+    event: Result<Option<Value>, String>,
+}
+
+impl crate::batch::Batched for Pending {
+    fn record(&self) -> &Record {
+        &self.record
+    }
+}
+
 /// Why the engine stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -66,7 +81,9 @@ pub struct Engine {
     writer: Option<Writer>,
     /// The batch being written, which hands the writer back.
     in_flight: Option<JoinHandle<(Writer, Result<(), EngineError>)>>,
-    batch: Batch,
+    batch: Batch<Pending>,
+    format: PayloadFormat,
+    transformer: Transformer,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 }
@@ -102,13 +119,12 @@ impl Engine {
             max_bytes: batch.max_bytes.max(1) as usize,
             max_wait: batch.max_wait.parse().map_err(EngineError::Setup)?,
         };
+        let format = config.spec.source.format;
         let gate = Arc::new(tokio::sync::Mutex::new(()));
         let (consumer, revocations) = source::consumer(&config, metrics.clone(), gate.clone())?;
         let consumer = Arc::new(consumer);
         let writer = Writer {
             pipeline: config.name.clone(),
-            format: config.spec.source.format,
-            transformer,
             sinks,
             dead_letter,
             backoff: Backoff::from_spec(&config.spec.retry),
@@ -124,6 +140,8 @@ impl Engine {
             writer: Some(writer),
             in_flight: None,
             batch: Batch::new(limits),
+            format,
+            transformer,
             metrics,
             shutdown,
         })
@@ -294,7 +312,15 @@ impl Engine {
         match message {
             Ok(record) => {
                 Metrics::add(&self.metrics.consumed, 1);
-                self.batch.push(record);
+                let event = record
+                    .decode(self.format)
+                    .map_err(|e| format!("decode: {e}"))
+                    .and_then(|event| {
+                        self.transformer
+                            .apply(&record, event)
+                            .map_err(|e| format!("transform: {e}"))
+                    });
+                self.batch.push(Pending { record, event });
             }
             Err(e) => tracing::warn!(error = %e, "consumer error; retrying"),
         }
@@ -321,18 +347,18 @@ impl Engine {
         // partitions revoked until then are dropped from it.
         let guard = self.gate.clone().lock_owned().await;
         self.forget_revoked();
-        let records = self.batch.take();
-        if records.is_empty() {
+        let pending = self.batch.take();
+        if pending.is_empty() {
             return Ok(());
         }
         let Some(mut writer) = self.writer.take() else {
             return Err(EngineError::Setup("the batch writer is missing".into()));
         };
         let span =
-            tracing::info_span!("batch", pipeline = %self.config.name, records = records.len());
+            tracing::info_span!("batch", pipeline = %self.config.name, records = pending.len());
         self.in_flight = Some(tokio::spawn(
             async move {
-                let result = writer.write_batch(records).await;
+                let result = writer.write_batch(pending).await;
                 drop(guard);
                 (writer, result)
             }
@@ -346,8 +372,6 @@ impl Engine {
 /// engine reads the next one, and comes back when the write is done.
 struct Writer {
     pipeline: String,
-    format: PayloadFormat,
-    transformer: Transformer,
     sinks: Vec<(String, Sink)>,
     dead_letter: Option<DeadLetter>,
     backoff: Backoff,
@@ -357,22 +381,15 @@ struct Writer {
 }
 
 impl Writer {
-    async fn write_batch(&mut self, records: Vec<Record>) -> Result<(), EngineError> {
+    async fn write_batch(&mut self, pending: Vec<Pending>) -> Result<(), EngineError> {
         let started = Instant::now();
-        let format = self.format;
         let mut failures: BTreeMap<usize, Failure> = BTreeMap::new();
-        let mut events: Vec<(usize, Value)> = Vec::with_capacity(records.len());
+        let mut events: Vec<(usize, Value)> = Vec::with_capacity(pending.len());
+        let mut records: Vec<Record> = Vec::with_capacity(pending.len());
         let now = SystemTime::now();
-        for (index, record) in records.iter().enumerate() {
-            let outcome = record
-                .decode(format)
-                .map_err(|e| format!("decode: {e}"))
-                .and_then(|event| {
-                    self.transformer
-                        .apply(record, event)
-                        .map_err(|e| format!("transform: {e}"))
-                });
-            match outcome {
+        for (index, Pending { record, event }) in pending.into_iter().enumerate() {
+            records.push(record);
+            match event {
                 Ok(Some(event)) => events.push((index, event)),
                 Ok(None) => Metrics::add(&self.metrics.filtered, 1),
                 Err(reason) => {

@@ -175,28 +175,83 @@ async fn execute(
         return Ok(());
     };
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for i in 0..group.columns.len() {
-        let column: Vec<Option<&str>> = group.rows.iter().map(|row| row[i].as_deref()).collect();
-        query = query.bind(column);
+    for (i, (name, type_)) in group.columns.iter().enumerate() {
+        let texts = group.rows.iter().map(|row| row[i].as_deref());
+        query = match binary_type(*type_) {
+            // Integers and booleans travel in binary: PostgreSQL parses nothing.
+            Some("bigint[]") => query.bind(parse_all(name, texts, "an integer", |v| {
+                v.parse::<i64>().ok()
+            })?),
+            Some("integer[]") => query.bind(parse_all(name, texts, "an integer", |v| {
+                v.parse::<i32>().ok()
+            })?),
+            Some(_) => query.bind(parse_all(name, texts, "a boolean", parse_bool)?),
+            None => query.bind(texts.collect::<Vec<Option<&str>>>()),
+        };
     }
     query.execute(conn).await.map_err(classify)?;
     Ok(())
 }
 
+/// The array type a column is bound as when it is not text: the types whose binary form
+/// is cheaper for PostgreSQL than parsing text.
+fn binary_type(t: ColumnType) -> Option<&'static str> {
+    match t {
+        ColumnType::Bigint => Some("bigint[]"),
+        ColumnType::Integer => Some("integer[]"),
+        ColumnType::Boolean => Some("boolean[]"),
+        _ => None,
+    }
+}
+
+/// Converts a column's text values; one that does not convert fails the statement as
+/// PostgreSQL would (a permanent error: the batch is split until it stands alone).
+fn parse_all<'a, T>(
+    column: &str,
+    values: impl Iterator<Item = Option<&'a str>>,
+    what: &str,
+    convert: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<Option<T>>, SinkError> {
+    values
+        .map(|value| match value {
+            None => Ok(None),
+            Some(text) => convert(text.trim()).map(Some).ok_or_else(|| SinkError {
+                class: ErrorClass::Permanent,
+                message: format!("column {column:?}: {text:?} is not {what}"),
+            }),
+        })
+        .collect()
+}
+
+/// PostgreSQL's boolean spellings.
+fn parse_bool(text: &str) -> Option<bool> {
+    match text.to_ascii_lowercase().as_str() {
+        "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
+        "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
 /// The SQL of one group; `None` when there is nothing to do (an update of key columns only).
-/// Identifiers come from the validated spec and are quoted; values are bound as text arrays
-/// and cast by PostgreSQL.
+/// Identifiers come from the validated spec and are quoted; integers and booleans are bound
+/// as typed arrays, other values as text arrays cast by PostgreSQL.
 pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
     let table = quote_table(&spec.table);
     let is_key = |name: &str| spec.key_columns.iter().any(|k| k == name);
     let unnest = {
-        let params: Vec<String> = (1..=group.columns.len())
-            .map(|i| format!("${i}::text[]"))
+        let params: Vec<String> = group
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, t))| format!("${}::{}", i + 1, binary_type(*t).unwrap_or("text[]")))
             .collect();
         let aliases: Vec<String> = (0..group.columns.len()).map(|i| format!("c{i}")).collect();
         format!("UNNEST({}) AS u({})", params.join(", "), aliases.join(", "))
     };
-    let cast = |i: usize, t: ColumnType| format!("u.c{i}::{}", sql_type(t));
+    let cast = |i: usize, t: ColumnType| match binary_type(t) {
+        Some(_) => format!("u.c{i}"),
+        None => format!("u.c{i}::{}", sql_type(t)),
+    };
     let names = || {
         group
             .columns
@@ -364,7 +419,7 @@ mod tests {
         assert_eq!(
             update.as_deref(),
             Some(
-                "UPDATE \"app\".\"todos\" AS t SET \"done\" = u.c1::boolean FROM UNNEST($1::text[], $2::text[]) AS u(c0, c1) WHERE t.\"id\" = u.c0::bigint"
+                "UPDATE \"app\".\"todos\" AS t SET \"done\" = u.c1 FROM UNNEST($1::bigint[], $2::boolean[]) AS u(c0, c1) WHERE t.\"id\" = u.c0"
             )
         );
         let delete = statement(
@@ -374,7 +429,7 @@ mod tests {
         assert_eq!(
             delete.as_deref(),
             Some(
-                "DELETE FROM \"app\".\"todos\" AS t USING UNNEST($1::text[]) AS u(c0) WHERE t.\"id\" = u.c0::bigint"
+                "DELETE FROM \"app\".\"todos\" AS t USING UNNEST($1::bigint[]) AS u(c0) WHERE t.\"id\" = u.c0"
             )
         );
         assert_eq!(
