@@ -5,16 +5,13 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt as _};
 use rdkafka::ClientConfig;
-use serde_json::json;
 use weir_crds::condition::types::READY;
-use weir_crds::{
-    KafkaConnection, KafkaConnectionSpec, KafkaConnectionStatus, SaslMechanism, SecretKeySelector,
-};
+use weir_crds::{KafkaConnection, KafkaConnectionSpec, SaslMechanism, SecretKeySelector};
 
 use crate::conditions;
 use crate::context::{Context, Error};
@@ -220,7 +217,8 @@ async fn reconcile_inner(connection: &KafkaConnection, ctx: &Context) -> Result<
             }
         },
     };
-    write_status(ctx, connection, &namespace, status).await?;
+    ctx.write_status(connection, connection.status.as_ref(), &status)
+        .await?;
     if let Some((warning, reason, note)) = event {
         ctx.event(connection, warning, reason, note).await;
     }
@@ -235,26 +233,6 @@ async fn probe(
     let config = client_config(&ctx.client, namespace, spec).await?;
     let admin = ctx.admin(&config)?;
     Ok(admin.cluster().await?)
-}
-
-async fn write_status(
-    ctx: &Context,
-    connection: &KafkaConnection,
-    namespace: &str,
-    status: KafkaConnectionStatus,
-) -> Result<(), Error> {
-    if connection.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api: Api<KafkaConnection> = Api::namespaced(ctx.client.clone(), namespace);
-    ctx.metrics.write();
-    api.patch_status(
-        &connection.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await?;
-    Ok(())
 }
 
 pub fn error_policy(object: Arc<KafkaConnection>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -185,6 +185,38 @@ impl Context {
             .get(&ObjectRef::new(name).within(namespace))
     }
 
+    /// Writes `status` to `object`'s status subresource unless it is what the object has
+    /// already (a reconcile that finds nothing new writes nothing).
+    pub async fn write_status<K, S>(
+        &self,
+        object: &K,
+        current: Option<&S>,
+        status: &S,
+    ) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        S: serde::Serialize + PartialEq,
+    {
+        if current == Some(status) {
+            return Ok(());
+        }
+        let api: kube::Api<K> = kube::Api::namespaced(
+            self.client.clone(),
+            object.meta().namespace.as_deref().unwrap_or_default(),
+        );
+        self.metrics.write();
+        api.patch_status(
+            object.meta().name.as_deref().unwrap_or_default(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({ "status": status })),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Publishes a Kubernetes Event about `object`; a failure is logged, never fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,

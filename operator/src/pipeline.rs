@@ -46,7 +46,8 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
             problems.to_string(),
             generation,
         );
-        write_status(ctx, pipeline, status).await?;
+        ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+            .await?;
         if was.as_deref() != Some("InvalidSpec") {
             ctx.event(pipeline, true, "InvalidSpec", problems.to_string())
                 .await;
@@ -66,7 +67,8 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
             ),
             generation,
         );
-        write_status(ctx, pipeline, status).await?;
+        ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+            .await?;
         return Ok(Action::requeue(Context::backoff(1)));
     };
     let rendered = match render(pipeline, Some(&connection), &ctx.config) {
@@ -80,7 +82,8 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
                 e.to_string(),
                 generation,
             );
-            write_status(ctx, pipeline, status).await?;
+            ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+                .await?;
             return Ok(Action::await_change());
         }
     };
@@ -150,7 +153,8 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
             generation,
         );
     }
-    write_status(ctx, pipeline, status).await?;
+    ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+        .await?;
     Ok(Action::requeue(ctx.config.resync))
 }
 
@@ -196,28 +200,6 @@ where
             &Patch::Apply(body),
         )
         .await?)
-}
-
-async fn write_status(
-    ctx: &Context,
-    pipeline: &EventPipeline,
-    status: EventPipelineStatus,
-) -> Result<(), Error> {
-    if pipeline.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api: Api<EventPipeline> = Api::namespaced(
-        ctx.client.clone(),
-        &pipeline.namespace().unwrap_or_default(),
-    );
-    ctx.metrics.write();
-    api.patch_status(
-        &pipeline.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await?;
-    Ok(())
 }
 
 pub fn error_policy(object: Arc<EventPipeline>, error: &Error, ctx: Arc<Context>) -> Action {

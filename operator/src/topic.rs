@@ -16,7 +16,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use serde_json::json;
 use weir_crds::condition::types::{READY, RECONCILING};
-use weir_crds::{DeletionPolicy, KafkaTopic, KafkaTopicStatus};
+use weir_crds::{DeletionPolicy, KafkaTopic};
 
 use crate::conditions;
 use crate::connection;
@@ -53,7 +53,10 @@ pub async fn reconcile(topic: Arc<KafkaTopic>, ctx: Arc<Context>) -> Result<Acti
             e.to_string(),
             topic.metadata.generation,
         );
-        if let Err(write) = write_status(&ctx, &topic, status).await {
+        if let Err(write) = ctx
+            .write_status(topic.as_ref(), topic.status.as_ref(), &status)
+            .await
+        {
             tracing::warn!(error = %write, "cannot record the failure in status");
         }
     }
@@ -163,7 +166,8 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
             generation,
         );
         conditions::remove(&mut status.conditions, RECONCILING);
-        write_status(ctx, topic, status).await?;
+        ctx.write_status(topic, topic.status.as_ref(), &status)
+            .await?;
         return Ok(Action::await_change());
     }
     if let Err(owner) = is_owner(ctx, topic) {
@@ -186,7 +190,8 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
             generation,
         );
         conditions::remove(&mut status.conditions, RECONCILING);
-        write_status(ctx, topic, status).await?;
+        ctx.write_status(topic, topic.status.as_ref(), &status)
+            .await?;
         if was.as_deref() != Some("Conflict") {
             ctx.event(topic, true, "Conflict", message).await;
         }
@@ -274,7 +279,8 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
             )
         }
     }
-    write_status(ctx, topic, status).await?;
+    ctx.write_status(topic, topic.status.as_ref(), &status)
+        .await?;
     Ok(Action::requeue(ctx.config.resync))
 }
 
@@ -376,26 +382,6 @@ async fn set_finalizer(
         &Patch::Merge(json!({
             "metadata": {"finalizers": finalizers, "resourceVersion": topic.resource_version()}
         })),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn write_status(
-    ctx: &Context,
-    topic: &KafkaTopic,
-    status: KafkaTopicStatus,
-) -> Result<(), Error> {
-    if topic.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api: Api<KafkaTopic> =
-        Api::namespaced(ctx.client.clone(), &topic.namespace().unwrap_or_default());
-    ctx.metrics.write();
-    api.patch_status(
-        &topic.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
     )
     .await?;
     Ok(())

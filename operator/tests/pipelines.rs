@@ -146,26 +146,29 @@ async fn a_pipeline_gets_its_objects_then_steady_state_writes_nothing_and_a_chan
     );
 
     // Steady state: several reconciles later, no object has changed.
-    let before: BTreeMap<&str, Option<String>> = BTreeMap::from([
-        (
-            "deployment",
-            version_of(&deployments, "orders-worker").await?,
-        ),
-        (
-            "configmap",
-            version_of(&config_maps, "orders-pipeline").await?,
-        ),
-        (
-            "service",
-            version_of(&services, "orders-worker-metrics").await?,
-        ),
-        (
-            "serviceaccount",
-            version_of(&accounts, "orders-worker").await?,
-        ),
-        ("pdb", version_of(&budgets, "orders-worker").await?),
-        ("pipeline", version_of(&pipelines, "orders").await?),
-    ]);
+    let versions = || async {
+        anyhow::Ok(BTreeMap::from([
+            (
+                "deployment",
+                version_of(&deployments, "orders-worker").await?,
+            ),
+            (
+                "configmap",
+                version_of(&config_maps, "orders-pipeline").await?,
+            ),
+            (
+                "service",
+                version_of(&services, "orders-worker-metrics").await?,
+            ),
+            (
+                "serviceaccount",
+                version_of(&accounts, "orders-worker").await?,
+            ),
+            ("pdb", version_of(&budgets, "orders-worker").await?),
+            ("pipeline", version_of(&pipelines, "orders").await?),
+        ]))
+    };
+    let before = versions().await?;
     let reconciles = operator.metrics.reconciles(weir_operator::pipeline::KIND);
     eventually("three more pipeline reconciles", || async {
         Ok(
@@ -174,26 +177,7 @@ async fn a_pipeline_gets_its_objects_then_steady_state_writes_nothing_and_a_chan
         )
     })
     .await?;
-    let after: BTreeMap<&str, Option<String>> = BTreeMap::from([
-        (
-            "deployment",
-            version_of(&deployments, "orders-worker").await?,
-        ),
-        (
-            "configmap",
-            version_of(&config_maps, "orders-pipeline").await?,
-        ),
-        (
-            "service",
-            version_of(&services, "orders-worker-metrics").await?,
-        ),
-        (
-            "serviceaccount",
-            version_of(&accounts, "orders-worker").await?,
-        ),
-        ("pdb", version_of(&budgets, "orders-worker").await?),
-        ("pipeline", version_of(&pipelines, "orders").await?),
-    ]);
+    let after = versions().await?;
     assert_eq!(
         before, after,
         "a reconcile with nothing to do wrote to the API server"

@@ -9,7 +9,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use weir_crds::{ColumnType, SqlSink};
 
 use super::sql::plan::{Action, Group, Step, plan};
-use super::sql::{Applied, Idempotency, Projection, Transact, quote, quote_table, write_bisecting};
+use super::sql::{Applied, Idempotency, Projection, Transact, quote, quote_table};
 use super::{Rejected, SinkError, WriteInput, redact};
 use crate::retry::ErrorClass;
 
@@ -61,10 +61,8 @@ impl PostgresSink {
     /// Writes the events; returns those refused permanently (a constraint violation, a
     /// value PostgreSQL cannot cast), so the rest of the batch still lands.
     pub async fn write(&mut self, input: &[WriteInput<'_>]) -> Result<Vec<Rejected>, SinkError> {
-        let (steps, mut refused) = self.projection.steps(input);
-        let applied = write_bisecting(&*self, &steps).await?;
-        self.skipped += input.len() - steps.len() - refused.len() + applied.duplicates;
-        refused.extend(applied.rejected);
+        let (refused, skipped) = super::sql::write(&*self, input).await?;
+        self.skipped += skipped;
         self.batches += 1;
         if self.batches.is_multiple_of(100) {
             self.expire_idempotency_keys().await;
@@ -98,6 +96,10 @@ impl PostgresSink {
 }
 
 impl Transact for PostgresSink {
+    fn projection(&self) -> &Projection {
+        &self.projection
+    }
+
     /// One transaction: skip already-applied idempotency keys, run the plan, record the keys.
     /// A plan of one statement without idempotency needs no explicit transaction (a
     /// statement is atomic), which saves two round trips per batch.

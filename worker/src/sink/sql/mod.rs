@@ -165,10 +165,26 @@ impl Applied {
 /// A database that applies planned steps in one transaction; a permanent error refuses
 /// the whole transaction.
 pub trait Transact: Sync {
+    /// The table spec and compiled rules.
+    fn projection(&self) -> &Projection;
+
     fn transaction<'s>(
         &'s self,
         steps: &'s [Step<'s>],
     ) -> impl Future<Output = Result<Applied, SinkError>> + Send + 's;
+}
+
+/// Writes a batch: chooses each event's action, applies them, and returns the events
+/// refused and how many were skipped (matched by no rule, or already applied).
+pub async fn write<T: Transact>(
+    db: &T,
+    input: &[WriteInput<'_>],
+) -> Result<(Vec<Rejected>, usize), SinkError> {
+    let (steps, mut refused) = db.projection().steps(input);
+    let applied = write_bisecting(db, &steps).await?;
+    let skipped = input.len() - steps.len() - refused.len() + applied.duplicates;
+    refused.extend(applied.rejected);
+    Ok((refused, skipped))
 }
 
 /// Applies `steps`; when the database refuses the transaction permanently (a constraint

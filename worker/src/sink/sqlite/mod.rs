@@ -12,7 +12,7 @@ use sqlx::{Sqlite, SqliteConnection};
 use weir_crds::{ColumnType, SqlSink};
 
 use super::sql::plan::{Action, Group, Step, plan};
-use super::sql::{Applied, Idempotency, Projection, Transact, quote, quote_table, write_bisecting};
+use super::sql::{Applied, Idempotency, Projection, Transact, quote, quote_table};
 use super::{Rejected, SinkError, WriteInput, redact};
 use crate::retry::ErrorClass;
 
@@ -72,10 +72,8 @@ impl SqliteSink {
     /// Writes the events; returns those refused permanently (a constraint violation, a
     /// value that does not fit its column), so the rest of the batch still lands.
     pub async fn write(&mut self, input: &[WriteInput<'_>]) -> Result<Vec<Rejected>, SinkError> {
-        let (steps, mut refused) = self.projection.steps(input);
-        let applied = write_bisecting(&*self, &steps).await?;
-        self.skipped += input.len() - steps.len() - refused.len() + applied.duplicates;
-        refused.extend(applied.rejected);
+        let (refused, skipped) = super::sql::write(&*self, input).await?;
+        self.skipped += skipped;
         self.batches += 1;
         if self.batches.is_multiple_of(100)
             && let Some(idempotency) = &self.idempotency
@@ -105,6 +103,10 @@ impl SqliteSink {
 }
 
 impl Transact for SqliteSink {
+    fn projection(&self) -> &Projection {
+        &self.projection
+    }
+
     async fn transaction(&self, steps: &[Step<'_>]) -> Result<Applied, SinkError> {
         let spec = &self.projection.spec;
         let mut tx = self.pool.begin().await.map_err(classify)?;
