@@ -47,6 +47,8 @@ async fn ready_with_brokers_and_a_new_secret_is_picked_up() -> anyhow::Result<()
     let mut settings = config(&unique_name("lease"), "op-a");
     // Long enough that only the Secret watch can explain a prompt reconcile.
     settings.resync = Duration::from_secs(600);
+    // A failing probe gives up after this, well inside the window below.
+    settings.kafka_timeout = Duration::from_secs(3);
     let operator = Operator::start(cluster.operator_client()?, settings);
     let api: Api<KafkaConnection> = Api::namespaced(cluster.admin.clone(), &ns);
 
