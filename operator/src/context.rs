@@ -37,6 +37,14 @@ pub enum Error {
 /// A client configuration as a sorted list of properties (a cache key).
 type ClientProperties = Vec<(String, String)>;
 
+impl Error {
+    /// A write lost a race (409 Conflict: the object changed since it was read). Not a
+    /// failure: the reconcile runs again at once on fresh data.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(status)) if status.code == 409)
+    }
+}
+
 /// State shared by the controllers.
 #[derive(Clone)]
 pub struct Context {
@@ -186,13 +194,14 @@ impl Context {
     }
 
     /// Writes `status` to `object`'s status subresource unless it is what the object has
-    /// already (a reconcile that finds nothing new writes nothing).
+    /// already (a reconcile that finds nothing new writes nothing); returns the object as
+    /// written, when it was.
     pub async fn write_status<K, S>(
         &self,
         object: &K,
         current: Option<&S>,
         status: &S,
-    ) -> Result<(), Error>
+    ) -> Result<Option<K>, Error>
     where
         K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
@@ -201,20 +210,26 @@ impl Context {
         S: serde::Serialize + PartialEq,
     {
         if current == Some(status) {
-            return Ok(());
+            return Ok(None);
         }
         let api: kube::Api<K> = kube::Api::namespaced(
             self.client.clone(),
             object.meta().namespace.as_deref().unwrap_or_default(),
         );
         self.metrics.write();
-        api.patch_status(
-            object.meta().name.as_deref().unwrap_or_default(),
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({ "status": status })),
-        )
-        .await?;
-        Ok(())
+        let written = api
+            .patch_status(
+                object.meta().name.as_deref().unwrap_or_default(),
+                &kube::api::PatchParams::default(),
+                // The resourceVersion makes the write fail (409) when the object changed since
+                // this reconcile read it from the cache: a stale view never overwrites a newer one.
+                &kube::api::Patch::Merge(serde_json::json!({
+                    "metadata": {"resourceVersion": object.meta().resource_version},
+                    "status": status,
+                })),
+            )
+            .await?;
+        Ok(Some(written))
     }
 
     /// Publishes a Kubernetes Event about `object`; a failure is logged, never fatal.

@@ -34,7 +34,9 @@ pub async fn reconcile(topic: Arc<KafkaTopic>, ctx: Arc<Context>) -> Result<Acti
     let result = ctx
         .reconcile(KIND, topic.as_ref(), reconcile_inner(&topic, &ctx))
         .await;
-    if let Err(e) = &result {
+    if let Err(e) = &result
+        && !e.is_conflict()
+    {
         // The failure goes to status too, so `kubectl get` shows it.
         let mut status = topic.status.clone().unwrap_or_default();
         conditions::set(
@@ -117,6 +119,9 @@ fn is_owner(ctx: &Context, topic: &KafkaTopic) -> Result<(), Arc<KafkaTopic>> {
 }
 
 async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Error> {
+    let patched;
+    let marked;
+    let mut topic = topic;
     let namespace = topic.namespace().unwrap_or_default();
     let api: Api<KafkaTopic> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = topic_name(topic);
@@ -148,7 +153,9 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
     }
     let wants_finalizer = topic.spec.deletion_policy == DeletionPolicy::Delete;
     if wants_finalizer != has_finalizer {
-        set_finalizer(ctx, &api, topic, wants_finalizer).await?;
+        // Go on with the object as patched: its resourceVersion guards the status write.
+        patched = set_finalizer(ctx, &api, topic, wants_finalizer).await?;
+        topic = &patched;
     }
 
     let mut status = topic.status.clone().unwrap_or_default();
@@ -216,6 +223,24 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
     let mut problems: Vec<(&str, String)> = Vec::new();
     let state = match admin.describe(&name).await? {
         None => {
+            // Recorded before creating, so no later reconcile (nor a restart after a crash
+            // between the two) takes this operator's own topic for an adopted one.
+            status.adopted = Some(false);
+            conditions::set(
+                &mut status.conditions,
+                RECONCILING,
+                true,
+                "Creating",
+                format!("creating Kafka topic {name}"),
+                generation,
+            );
+            if let Some(written) = ctx
+                .write_status(topic, topic.status.as_ref(), &status)
+                .await?
+            {
+                marked = written;
+                topic = &marked;
+            }
             admin
                 .create(
                     &name,
@@ -224,7 +249,6 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
                     &managed,
                 )
                 .await?;
-            status.adopted = Some(false);
             ctx.event(
                 topic,
                 false,
@@ -242,6 +266,15 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
             })?
         }
         Some(state) => {
+            if status.adopted.is_none() {
+                // The cache may lag behind this operator's own status write after creating
+                // the topic: ask the API server before calling the topic adopted.
+                status.adopted = api
+                    .get_status(&topic.name_any())
+                    .await?
+                    .status
+                    .and_then(|s| s.adopted);
+            }
             if status.adopted.is_none() {
                 status.adopted = Some(true);
                 ctx.event(topic, false, "Adopted", format!("Kafka topic {name} already existed with {} partition(s); it is now managed by this resource", state.partitions)).await;
@@ -363,7 +396,7 @@ async fn set_finalizer(
     api: &Api<KafkaTopic>,
     topic: &KafkaTopic,
     present: bool,
-) -> Result<(), Error> {
+) -> Result<KafkaTopic, Error> {
     let mut finalizers: Vec<String> = topic
         .finalizers()
         .iter()
@@ -376,15 +409,15 @@ async fn set_finalizer(
     ctx.metrics.write();
     // The resourceVersion makes this a compare-and-swap: a concurrent change fails it (409)
     // and the reconcile runs again on fresh data.
-    api.patch(
-        &topic.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({
-            "metadata": {"finalizers": finalizers, "resourceVersion": topic.resource_version()}
-        })),
-    )
-    .await?;
-    Ok(())
+    Ok(api
+        .patch(
+            &topic.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"finalizers": finalizers, "resourceVersion": topic.resource_version()}
+            })),
+        )
+        .await?)
 }
 
 pub fn error_policy(object: Arc<KafkaTopic>, error: &Error, ctx: Arc<Context>) -> Action {
