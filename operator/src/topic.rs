@@ -299,9 +299,9 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
             format!("Kafka topic {name} matches the spec"),
             generation,
         ),
-        Some((reason, message)) => {
+        // The first problem names the reason; the message lists them all.
+        Some((reason, _)) => {
             let all: Vec<String> = problems.iter().map(|(_, m)| m.clone()).collect();
-            let _ = message;
             conditions::set(
                 &mut status.conditions,
                 READY,
