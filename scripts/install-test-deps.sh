@@ -6,6 +6,8 @@
 #     the tools directory ($WEIR_TOOLS_DIR, default ~/.cache/weir-tools)
 #   - kube-apiserver and etcd, built with Go from testkit/kube/go.mod into the tools
 #     directory (about 5 minutes the first time; needs Go 1.26)
+#   - Helm's Go SDK behind a Python API (helm-python-sdk, from PyPI) in a virtualenv in the
+#     tools directory, for the chart tests
 #   - cargo-nextest
 set -euo pipefail
 
@@ -27,13 +29,14 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v java >/dev/null || missing+=(default-jdk-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v openssl >/dev/null || missing+=(openssl)
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   as_root apt-get update -qq
   as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  say "postgresql, redis-server, java, mvn, openssl: present"
+  say "postgresql, redis-server, java, mvn, openssl, python3-venv: present"
 fi
 
 # The Kafka broker's jars.
@@ -61,6 +64,19 @@ elif ! command -v go >/dev/null; then
 else
   say "building kube-apiserver $kube_version and etcd into $tools/kube-$kube_version/bin (about 5 minutes, once)"
   WEIR_TOOLS_DIR="$tools" "$root/testkit/kube/build.sh"
+fi
+
+# Helm (its Go SDK as a Python wheel: no helm binary is published on a reachable registry).
+helm_sdk_version="0.2.2"
+helm_env="$tools/helm-python-$helm_sdk_version"
+if [ -f "$helm_env/.complete" ]; then
+  say "helm-python-sdk $helm_sdk_version: present in $helm_env"
+else
+  say "installing helm-python-sdk $helm_sdk_version into $helm_env"
+  rm -rf "$helm_env"
+  python3 -m venv "$helm_env"
+  "$helm_env/bin/pip" install --quiet --disable-pip-version-check "helm-python-sdk==$helm_sdk_version"
+  touch "$helm_env/.complete"
 fi
 
 # cargo-nextest.
