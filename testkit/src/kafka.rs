@@ -53,13 +53,13 @@ impl KafkaServer {
         let dir = tempfile::Builder::new()
             .prefix("weir-kafka-")
             .tempdir()
-            .map_err(|source| io("creating the data directory", source))?
+            .map_err(|source| HarnessError::io(PART, "creating the data directory", source))?
             .keep();
         let port = free_port(PART)?;
         let controller_port = free_port(PART)?;
         let properties = dir.join("server.properties");
         std::fs::write(&properties, server_properties(&dir, port, controller_port))
-            .map_err(|source| io("writing server.properties", source))?;
+            .map_err(|source| HarnessError::io(PART, "writing server.properties", source))?;
         let classpath = format!("{}/*", libs.display());
         let log4j = log4j_config(&dir)?;
         run(
@@ -246,7 +246,7 @@ impl TestKafka {
             .args(["--bootstrap-server", &self.bootstrap])
             .args(args)
             .output()
-            .map_err(|source| io("running a Kafka tool", source))?;
+            .map_err(|source| HarnessError::io(PART, "running a Kafka tool", source))?;
         if !output.status.success() {
             return Err(HarnessError::Start {
                 part: PART,
@@ -335,7 +335,7 @@ fn jvm_flags(dir: &Path, log4j: &Path) -> Vec<String> {
 fn log4j_config(dir: &Path) -> Result<PathBuf> {
     let path = dir.join("log4j2.properties");
     std::fs::write(&path, include_str!("../kafka/log4j2.properties"))
-        .map_err(|source| io("writing log4j2.properties", source))?;
+        .map_err(|source| HarnessError::io(PART, "writing log4j2.properties", source))?;
     Ok(path)
 }
 
@@ -346,7 +346,7 @@ fn quiet_log4j() -> Result<PathBuf> {
         &path,
         "status = error\nappender.err.type = Console\nappender.err.name = err\nappender.err.target = SYSTEM_ERR\nappender.err.layout.type = PatternLayout\nappender.err.layout.pattern = %p %m%n\nrootLogger.level = ERROR\nrootLogger.appenderRef.err.ref = err\n",
     )
-    .map_err(|source| io("writing the tools' log4j2 config", source))?;
+    .map_err(|source| HarnessError::io(PART, "writing the tools' log4j2 config", source))?;
     Ok(path)
 }
 
@@ -409,14 +409,6 @@ fn encode_cluster_id() -> String {
         out.push(char::from(ALPHABET[((bits << (6 - count)) & 63) as usize]));
     }
     out
-}
-
-fn io(context: &str, source: std::io::Error) -> HarnessError {
-    HarnessError::Io {
-        part: PART,
-        context: context.to_owned(),
-        source,
-    }
 }
 
 #[cfg(test)]

@@ -397,14 +397,14 @@ fn spawn(identities: &[Identity]) -> Result<KubeApiServer> {
     let dir = tempfile::Builder::new()
         .prefix("weir-kube-")
         .tempdir()
-        .map_err(|source| io("creating the data directory", source))?
+        .map_err(|source| HarnessError::io(PART, "creating the data directory", source))?
         .keep();
     let (etcd, etcd_url) = start_etcd(&bin, &dir)?;
 
     let tokens = tokens(identities)?;
     let token_file = dir.join("tokens.csv");
     std::fs::write(&token_file, token_csv(identities, &tokens))
-        .map_err(|source| io("writing the token file", source))?;
+        .map_err(|source| HarnessError::io(PART, "writing the token file", source))?;
     let key = service_account_key(&dir)?;
     let cert_dir = dir.join("certs");
     let port = free_port(PART)?;
@@ -430,7 +430,7 @@ fn spawn(identities: &[Identity]) -> Result<KubeApiServer> {
         }
     }
     let ca_pem = std::fs::read_to_string(&ca_path)
-        .map_err(|source| io("reading the serving certificate", source))?;
+        .map_err(|source| HarnessError::io(PART, "reading the serving certificate", source))?;
     let ca_der = pem_certificates(&ca_path)?;
 
     let mut server = KubeApiServer {
@@ -577,8 +577,8 @@ fn service_account_key(dir: &Path) -> Result<PathBuf> {
 
 /// The DER certificates of a PEM file.
 fn pem_certificates(path: &Path) -> Result<Vec<Vec<u8>>> {
-    let text =
-        std::fs::read(path).map_err(|source| io("reading the serving certificate", source))?;
+    let text = std::fs::read(path)
+        .map_err(|source| HarnessError::io(PART, "reading the serving certificate", source))?;
     let blocks = pem::parse_many(text).map_err(|e| HarnessError::Start {
         part: PART,
         detail: format!("{}: {e}", path.display()),
@@ -658,7 +658,7 @@ async fn wait_served(
 /// The `*.yaml` files of `dir`, sorted.
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir)
-        .map_err(|source| io(&format!("listing {}", dir.display()), source))?;
+        .map_err(|source| HarnessError::io(PART, &format!("listing {}", dir.display()), source))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
@@ -742,14 +742,6 @@ fn kube_error(context: String, source: ::kube::Error) -> HarnessError {
     HarnessError::Kube {
         context,
         source: Box::new(source),
-    }
-}
-
-fn io(context: &str, source: std::io::Error) -> HarnessError {
-    HarnessError::Io {
-        part: PART,
-        context: context.to_owned(),
-        source,
     }
 }
 

@@ -76,6 +76,17 @@ pub enum HarnessError {
     Manifest { what: String, detail: String },
 }
 
+impl HarnessError {
+    /// An I/O failure of `part` while doing `context`.
+    pub fn io(part: &'static str, context: &str, source: std::io::Error) -> Self {
+        HarnessError::Io {
+            part,
+            context: context.to_owned(),
+            source,
+        }
+    }
+}
+
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
 /// The tools directory: `$WEIR_TOOLS_DIR`, else `~/.cache/weir-tools`.

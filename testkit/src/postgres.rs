@@ -31,7 +31,7 @@ impl PostgresServer {
         let dir = tempfile::Builder::new()
             .prefix("weir-postgres-")
             .tempdir()
-            .map_err(|source| io("creating the data directory", source))?
+            .map_err(|source| HarnessError::io(PART, "creating the data directory", source))?
             .keep();
         let janitor = Janitor::spawn(PART, &dir)?;
         if running_as_root() {
@@ -238,12 +238,4 @@ fn bin_dir() -> Result<PathBuf> {
             part: PART,
             hint: "no /usr/lib/postgresql/<version>/bin/initdb: run scripts/install-test-deps.sh (apt-get install postgresql)".into(),
         })
-}
-
-fn io(context: &str, source: std::io::Error) -> HarnessError {
-    HarnessError::Io {
-        part: PART,
-        context: context.to_owned(),
-        source,
-    }
 }
