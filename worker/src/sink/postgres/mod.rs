@@ -1,7 +1,6 @@
 //! The PostgreSQL sink: one transaction per batch, one UNNEST statement per group of rows
 //! (see `sql::plan`), idempotency keys written in the same transaction as the rows.
 
-use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -118,11 +117,9 @@ impl Transact for PostgresSink {
             return Ok(Applied::new(plan.rejected, 0));
         };
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let candidates: Vec<String> = steps
-            .iter()
-            .filter_map(|s| idempotency.key_of(s.event))
-            .collect();
-        let seen: Vec<(String,)> = sqlx::query_as(
+        let keys = idempotency.keys_of(steps);
+        let candidates: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+        let seen: Vec<String> = sqlx::query_scalar(
             "SELECT key FROM weir_idempotency
              WHERE scope = $1 AND key = ANY($2) AND applied_at > now() - make_interval(secs => $3)",
         )
@@ -132,26 +129,23 @@ impl Transact for PostgresSink {
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
-        let seen: HashSet<String> = seen.into_iter().map(|(k,)| k).collect();
-        let (fresh, keys) = idempotency.fresh(steps, seen);
-        let duplicates = steps.len() - fresh.len();
-        let steps = fresh;
-        let plan = plan(spec, &steps);
+        let fresh = Idempotency::fresh(steps, keys, seen);
+        let plan = plan(spec, &fresh.steps);
         execute_all(&mut tx, spec, &plan.groups).await?;
-        if !keys.is_empty() {
+        if !fresh.keys.is_empty() {
             sqlx::query(
                 "INSERT INTO weir_idempotency (scope, key)
                  SELECT $1, k FROM UNNEST($2::text[]) AS k
                  ON CONFLICT (scope, key) DO UPDATE SET applied_at = now()",
             )
             .bind(&idempotency.scope)
-            .bind(&keys)
+            .bind(&fresh.keys)
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
-        Ok(Applied::new(plan.rejected, duplicates))
+        Ok(Applied::new(plan.rejected, fresh.duplicates))
     }
 }
 

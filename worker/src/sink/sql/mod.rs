@@ -30,7 +30,7 @@ pub struct Idempotency {
 impl Idempotency {
     /// The event's idempotency key; `None` when the field is missing or null (such an
     /// event is always applied).
-    pub fn key_of(&self, event: &Value) -> Option<String> {
+    fn key_of(&self, event: &Value) -> Option<String> {
         match field(event, &self.key)? {
             Value::String(s) => Some(s.clone()),
             Value::Null => None,
@@ -38,28 +38,49 @@ impl Idempotency {
         }
     }
 
+    /// Each step's key, read once per batch: the database is asked about these, then
+    /// [`Idempotency::fresh`] picks the steps to apply.
+    pub fn keys_of(&self, steps: &[Step<'_>]) -> Vec<Option<String>> {
+        steps.iter().map(|step| self.key_of(step.event)).collect()
+    }
+
     /// The steps to apply: those without a key, and the first of each key not in `seen`
-    /// (keys applied within the window); and the keys to record.
+    /// (keys applied within the window); the keys to record; how many were skipped.
+    /// `keys` is [`Idempotency::keys_of`] of the same steps.
     pub fn fresh<'a>(
-        &self,
         steps: &[Step<'a>],
-        mut seen: std::collections::HashSet<String>,
-    ) -> (Vec<Step<'a>>, Vec<String>) {
-        let mut fresh = Vec::with_capacity(steps.len());
-        let mut keys = Vec::new();
-        for step in steps {
-            match self.key_of(step.event) {
-                Some(key) if seen.contains(&key) => {}
+        keys: Vec<Option<String>>,
+        seen: impl IntoIterator<Item = String>,
+    ) -> Fresh<'a> {
+        let mut seen: std::collections::HashSet<String> = seen.into_iter().collect();
+        let mut fresh = Fresh {
+            steps: Vec::with_capacity(steps.len()),
+            keys: Vec::new(),
+            duplicates: 0,
+        };
+        for (step, key) in steps.iter().zip(keys) {
+            match key {
+                Some(key) if seen.contains(&key) => fresh.duplicates += 1,
                 Some(key) => {
                     seen.insert(key.clone());
-                    keys.push(key);
-                    fresh.push(*step);
+                    fresh.keys.push(key);
+                    fresh.steps.push(*step);
                 }
-                None => fresh.push(*step),
+                None => fresh.steps.push(*step),
             }
         }
-        (fresh, keys)
+        fresh
     }
+}
+
+/// What idempotency leaves of a batch.
+#[derive(Debug)]
+pub struct Fresh<'a> {
+    pub steps: Vec<Step<'a>>,
+    /// The new keys, recorded with the rows.
+    pub keys: Vec<String>,
+    /// Steps skipped: their key was applied before.
+    pub duplicates: usize,
 }
 
 /// A SQL sink's table spec with its projection rules compiled.

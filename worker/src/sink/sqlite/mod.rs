@@ -3,7 +3,6 @@
 //! of the plan (see `sql::plan`), run once per row: SQLite runs in-process, so a row costs
 //! no round trip. Idempotency keys are written in the same transaction as the rows.
 
-use std::collections::HashSet;
 use std::str::FromStr as _;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use sqlx::{Sqlite, SqliteConnection};
 use weir_crds::{ColumnType, SqlSink};
 
 use super::sql::plan::{Action, Group, Step, plan};
-use super::sql::{Applied, Idempotency, Projection, Transact, quote, quote_table};
+use super::sql::{Applied, Fresh, Idempotency, Projection, Transact, quote, quote_table};
 use super::{Rejected, SinkError, WriteInput, redact};
 use crate::retry::ErrorClass;
 
@@ -110,14 +109,16 @@ impl Transact for SqliteSink {
     async fn transaction(&self, steps: &[Step<'_>]) -> Result<Applied, SinkError> {
         let spec = &self.projection.spec;
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let (fresh, keys) = match &self.idempotency {
-            None => (steps.to_vec(), Vec::new()),
+        let fresh = match &self.idempotency {
+            None => Fresh {
+                steps: steps.to_vec(),
+                keys: Vec::new(),
+                duplicates: 0,
+            },
             Some(idempotency) => {
-                let candidates: Vec<String> = steps
-                    .iter()
-                    .filter_map(|s| idempotency.key_of(s.event))
-                    .collect();
-                let seen: Vec<(String,)> = sqlx::query_as(
+                let keys = idempotency.keys_of(steps);
+                let candidates: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+                let seen: Vec<String> = sqlx::query_scalar(
                     "SELECT key FROM weir_idempotency
                      WHERE scope = ?1 AND key IN (SELECT value FROM json_each(?2))
                        AND applied_at > unixepoch() - ?3",
@@ -128,29 +129,27 @@ impl Transact for SqliteSink {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(classify)?;
-                let seen: HashSet<String> = seen.into_iter().map(|(k,)| k).collect();
-                idempotency.fresh(steps, seen)
+                Idempotency::fresh(steps, keys, seen)
             }
         };
-        let duplicates = steps.len() - fresh.len();
-        let plan = plan(spec, &fresh);
+        let plan = plan(spec, &fresh.steps);
         for group in &plan.groups {
             execute(&mut tx, spec, group).await?;
         }
-        if let (Some(idempotency), false) = (&self.idempotency, keys.is_empty()) {
+        if let (Some(idempotency), false) = (&self.idempotency, fresh.keys.is_empty()) {
             sqlx::query(
                 "INSERT INTO weir_idempotency (scope, key, applied_at)
                  SELECT ?1, value, unixepoch() FROM json_each(?2) WHERE true
                  ON CONFLICT (scope, key) DO UPDATE SET applied_at = excluded.applied_at",
             )
             .bind(&idempotency.scope)
-            .bind(serde_json::Value::from(keys).to_string())
+            .bind(serde_json::Value::from(fresh.keys).to_string())
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
-        Ok(Applied::new(plan.rejected, duplicates))
+        Ok(Applied::new(plan.rejected, fresh.duplicates))
     }
 }
 
