@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, Operator, config, connection_yaml, ready};
+use common::{Cluster, Operator, config, connection_yaml, eventually_within, ready};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use weir_crds::KafkaConnection;
@@ -18,25 +18,6 @@ async fn ready_of(
 ) -> anyhow::Result<Option<(String, String, String)>> {
     let status = serde_json::to_value(&api.get(name).await?.status)?;
     Ok(ready(Some(&status)))
-}
-
-/// Polls until `check` holds, within `deadline`.
-async fn within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        anyhow::ensure!(
-            start.elapsed() < deadline,
-            "{what} not reached within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -53,7 +34,7 @@ async fn ready_with_brokers_and_a_new_secret_is_picked_up() -> anyhow::Result<()
     let api: Api<KafkaConnection> = Api::namespaced(cluster.admin.clone(), &ns);
 
     cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
-    within(common::DEADLINE, "the connection to be Ready", || async {
+    eventually_within(common::DEADLINE, "the connection to be Ready", || async {
         Ok(ready_of(&api, "default").await?.filter(|r| r.0 == "True"))
     })
     .await?;
@@ -70,7 +51,7 @@ async fn ready_with_brokers_and_a_new_secret_is_picked_up() -> anyhow::Result<()
             ),
         )
         .await?;
-    let (_, reason, message) = within(
+    let (_, reason, message) = eventually_within(
         common::DEADLINE,
         "the missing Secret to be reported",
         || async {
@@ -92,7 +73,7 @@ async fn ready_with_brokers_and_a_new_secret_is_picked_up() -> anyhow::Result<()
     secrets.create(&PostParams::default(), &secret).await?;
     // The broker speaks no SASL, so the connection now fails further on: it is no longer
     // the Secret. The retry after a failure is 20 s away; the watch answers at once.
-    let (_, reason, message) = within(
+    let (_, reason, message) = eventually_within(
         Duration::from_secs(15),
         "the new Secret to be used",
         || async {

@@ -194,7 +194,20 @@ pub fn connection_yaml(kafka: &TestKafka) -> String {
 }
 
 /// Waits until `check` returns a value, polling the API server.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    eventually_within(DEADLINE, what, check).await
+}
+
+/// [`eventually`] with a deadline of its own.
+pub async fn eventually_within<T, F, Fut>(
+    deadline: Duration,
+    what: &str,
+    mut check: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
@@ -208,8 +221,8 @@ where
             Err(e) => last = format!("{e:#}"),
         }
         anyhow::ensure!(
-            start.elapsed() < DEADLINE,
-            "{what} not reached within {DEADLINE:?} (last error: {last})"
+            start.elapsed() < deadline,
+            "{what} not reached within {deadline:?} (last error: {last})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
