@@ -50,6 +50,14 @@ pub fn remove(conditions: &mut Vec<Condition>, type_: &str) {
     conditions.retain(|c| c.type_ != type_);
 }
 
+/// The reason of condition `type_`, if it is set.
+pub fn reason<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.as_str())
+}
+
 /// Whether condition `type_` is True.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use weir_crds::condition::types::READY;
-use weir_crds::{EventPipeline, EventPipelineStatus, KafkaTopic};
+use weir_crds::{EventPipeline, KafkaTopic};
 
 use crate::conditions;
 use crate::context::{Context, Error};
@@ -37,7 +37,7 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
     status.selector = Some(render::selector_string(&name));
 
     if let Err(problems) = pipeline.spec.validate() {
-        let was = ready_reason(&status);
+        let was = conditions::reason(&status.conditions, READY).map(str::to_owned);
         conditions::set(
             &mut status.conditions,
             READY,
@@ -156,14 +156,6 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
     ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
         .await?;
     Ok(Action::requeue(ctx.config.resync))
-}
-
-fn ready_reason(status: &EventPipelineStatus) -> Option<String> {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY)
-        .map(|c| c.reason.clone())
 }
 
 fn config_hash(deployment: &Deployment) -> Option<String> {

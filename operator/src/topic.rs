@@ -183,11 +183,7 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
             owner.namespace().unwrap_or_default(),
             owner.name_any()
         );
-        let was = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == READY)
-            .map(|c| c.reason.clone());
+        let was = conditions::reason(&status.conditions, READY).map(str::to_owned);
         conditions::set(
             &mut status.conditions,
             READY,
