@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use rdkafka::ClientConfig;
 use weir_crds::load::Resource;
 use weir_crds::{
-    DEFAULT_CONNECTION, EventPipelineSpec, KafkaConnectionSpec, Manifest, Problems, SecretSource,
+    DEFAULT_CONNECTION, EventPipelineSpec, KafkaConnectionSpec, KafkaTopicSpec, Manifest, Problems,
+    SecretSource,
 };
 
 /// Settings from the command line or environment that override the file.
@@ -71,10 +72,13 @@ impl ConfigError {
 pub struct PipelineFile {
     pub pipeline: Manifest<EventPipelineSpec>,
     pub connections: Vec<Manifest<KafkaConnectionSpec>>,
+    /// KafkaTopics in the file: the worker does not apply them, but the embedded broker
+    /// takes their partitions.
+    pub topics: Vec<Manifest<KafkaTopicSpec>>,
 }
 
 /// Reads and validates a pipeline file: exactly one EventPipeline, optionally
-/// KafkaConnections (KafkaTopics are allowed and ignored).
+/// KafkaConnections and KafkaTopics.
 pub fn read(path: &Path) -> Result<PipelineFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
@@ -90,11 +94,12 @@ pub fn read(path: &Path) -> Result<PipelineFile, ConfigError> {
     };
     let mut pipelines = Vec::new();
     let mut connections = Vec::new();
+    let mut topics = Vec::new();
     for resource in resources {
         match resource {
             Resource::EventPipeline(p) => pipelines.push(p),
             Resource::KafkaConnection(c) => connections.push(c),
-            Resource::KafkaTopic(_) => {}
+            Resource::KafkaTopic(t) => topics.push(t),
         }
     }
     let pipeline = match pipelines.len() {
@@ -116,6 +121,7 @@ pub fn read(path: &Path) -> Result<PipelineFile, ConfigError> {
     Ok(PipelineFile {
         pipeline,
         connections,
+        topics,
     })
 }
 
@@ -124,6 +130,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
     let PipelineFile {
         pipeline,
         connections,
+        ..
     } = read(path)?;
     let unusable = |message: String| ConfigError::Unusable {
         path: path.to_owned(),

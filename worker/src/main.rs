@@ -280,17 +280,6 @@ fn start_embedded_broker(
 ) -> anyhow::Result<weir_worker::embedded::EmbeddedBroker> {
     use anyhow::Context as _;
     let read = config::read(file)?;
-    let text = std::fs::read_to_string(file)?;
-    let topics: Vec<(String, i32)> = weir_crds::load::from_yaml(&text)?
-        .into_iter()
-        .filter_map(|r| match r {
-            weir_crds::load::Resource::KafkaTopic(t) => Some((
-                t.spec.topic_name.clone().unwrap_or(t.metadata.name.clone()),
-                t.spec.partitions,
-            )),
-            _ => None,
-        })
-        .collect();
     let broker = weir_worker::embedded::EmbeddedBroker::start()
         .context("cannot start the embedded broker")?;
     let spec = &read.pipeline.spec;
@@ -300,10 +289,11 @@ fn start_embedded_broker(
         .iter()
         .chain(spec.dead_letter.as_ref().map(|d| &d.topic));
     for topic in wanted {
-        let partitions = topics
+        let partitions = read
+            .topics
             .iter()
-            .find(|(name, _)| name == topic)
-            .map_or(1, |(_, p)| *p);
+            .find(|t| t.spec.effective_topic_name(&t.metadata.name) == topic)
+            .map_or(1, |t| t.spec.partitions);
         broker.create_topic(topic, partitions)?;
     }
     tracing::warn!(
