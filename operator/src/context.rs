@@ -158,13 +158,17 @@ impl Context {
     }
 
     /// The error policy: retry after a backoff that doubles with each failure in a row of
-    /// this object (5 s up to 5 min).
+    /// this object (5 s up to 5 min); a lost write race (409) is retried at once instead.
     pub fn retry<K: Resource<DynamicType = ()>>(
         &self,
         kind: &'static str,
         object: &K,
         error: &Error,
     ) -> Action {
+        if error.is_conflict() {
+            tracing::debug!(kind, %error, "lost a write race; reconciling again on fresh data");
+            return Action::requeue(Duration::from_millis(200));
+        }
         let failures = self
             .failures
             .lock()

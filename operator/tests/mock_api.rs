@@ -3,7 +3,8 @@
 //! apply, and one that stops answering (a tower-test handle that asserts each request and
 //! answers it, or not: kube-rs's mock-service style); a broker too slow to answer
 //! (librdkafka's mock cluster with added latency). The reconcile fails with the cause
-//! within its time limit, makes no further request, and is retried by the error policy.
+//! within its time limit, makes no further request, and is retried by the error policy
+//! (at once, and without counting as a failure, when it only lost a write race: a 409).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -221,5 +222,37 @@ async fn a_broker_too_slow_to_answer_times_the_reconcile_out_and_says_so() -> an
     ));
     let result = tokio::time::timeout(Duration::from_secs(5), reconcile).await??;
     assert!(matches!(result, Err(Error::Kafka(_))), "{result:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lost_write_race_is_retried_at_once_and_is_not_counted_as_a_failure() -> anyhow::Result<()>
+{
+    let (ctx, _handle) = context("shop", "127.0.0.1:9")?;
+    let topic = Arc::new({
+        let mut t = KafkaTopic::new("orders", serde_json::from_value(json!({}))?);
+        t.metadata.namespace = Some("shop".into());
+        t
+    });
+    let conflict: kube::core::Status = serde_json::from_value(json!({
+        "status": "Failure", "reason": "Conflict", "code": 409,
+        "message": "the object has been modified; please apply your changes to the latest version"
+    }))?;
+    let conflict = Error::Kube(kube::Error::Api(Box::new(conflict)));
+    let failure = Error::Connection("the broker is down".into());
+    use kube::runtime::controller::Action;
+    assert_eq!(
+        weir_operator::topic::error_policy(topic.clone(), &conflict, ctx.clone()),
+        Action::requeue(Duration::from_millis(200))
+    );
+    // The conflict did not count: the first real failure waits the first backoff step.
+    assert_eq!(
+        weir_operator::topic::error_policy(topic.clone(), &failure, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        weir_operator::topic::error_policy(topic, &failure, ctx),
+        Action::requeue(Duration::from_secs(10))
+    );
     Ok(())
 }
