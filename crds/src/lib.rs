@@ -4,6 +4,7 @@
 //! The spec types need only serde and schemars; the `kube` feature (on by default) adds the
 //! `CustomResource` wrappers and CRD generation.
 
+pub mod cel;
 pub mod condition;
 pub mod connection;
 pub mod duration;

@@ -38,7 +38,7 @@ spec:
         columns: [{{name: id, type: bigint}}]
   batch: {{maxRecords: {max_records}}}
   deadLetter: {{topic: orders-dlq}}
-  scaling: {{minReplicas: 2, maxReplicas: 4}}
+  scaling: {{minReplicas: 2}}
 "#
     )
 }

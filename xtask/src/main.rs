@@ -13,7 +13,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Regenerate every generated file (CRD YAML, chart CRD templates) from the Rust types.
+    /// Regenerate every generated file (CRD YAML, chart CRD templates, docs/functions.md).
     Generate,
     /// Fail when a committed generated file differs from what the types generate.
     Check,

@@ -1,5 +1,6 @@
 //! EventPipeline: consume → filter/transform → batch → sink → commit.
 
+mod capabilities;
 mod sink;
 mod status;
 mod validate;
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use capabilities::RUNNABLE_SINKS;
 pub use sink::*;
 pub use status::*;
 pub use worker::*;
@@ -17,8 +19,8 @@ pub use worker::*;
 use crate::duration::DurationString;
 use crate::reference::ConnectionRef;
 
-/// A pipeline from Kafka topics to one or more sinks, run by a worker Deployment that the
-/// operator scales against consumer-group lag.
+/// A pipeline from Kafka topics to one or more sinks, run by a worker Deployment of
+/// `spec.replicas` (else `scaling.minReplicas`) workers.
 // The kube derive repeats `type_ = ...` across printer columns, which clippy mistakes
 // for duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -32,7 +34,7 @@ use crate::reference::ConnectionRef;
         kind = "EventPipeline",
         plural = "eventpipelines",
         namespaced,
-        doc = "A pipeline from Kafka topics to sinks, run by an autoscaled worker Deployment.",
+        doc = "A pipeline from Kafka topics to sinks, run by a worker Deployment.",
         status = "EventPipelineStatus",
         shortname = "pipe",
         category = "weir",
@@ -65,7 +67,8 @@ pub struct EventPipelineSpec {
     pub source: Source,
     /// A CEL expression; events for which it is false are skipped (and committed). Variables:
     /// `event` (the decoded value), `key`, `headers`, `topic`, `partition`, `offset`,
-    /// `timestamp`. Example: `event.type != "Heartbeat"`.
+    /// `timestamp`. Example: `event.type != "Heartbeat"`. The functions it can call are
+    /// listed in docs/functions.md.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<String>,
     /// Reshapes each event before it reaches the sinks.
@@ -88,19 +91,21 @@ pub struct EventPipelineSpec {
     /// Skips records whose idempotency key was already applied within a window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
-    /// AtLeastOnce (the default) commits offsets after the sinks acknowledged; ExactlyOnce
-    /// stores offsets with the rows (PostgreSQL) or uses transactions (Kafka sink).
+    /// AtLeastOnce (the default): offsets are committed after every sink acknowledged.
+    /// ExactlyOnce is not available in this version and is refused.
     #[serde(default)]
     pub delivery: Delivery,
-    /// Lag-based autoscaling of the worker Deployment.
+    /// How many workers run. This version runs `scaling.minReplicas` workers (when
+    /// `replicas` is not set); the lag autoscaler's fields are refused until it is available.
     #[serde(default)]
     pub scaling: Scaling,
-    /// Pins the number of workers, turning the lag autoscaler off. Set by `kubectl scale` and
-    /// by a HorizontalPodAutoscaler through the scale subresource.
+    /// Pins the number of workers. Set by `kubectl scale` and by a HorizontalPodAutoscaler
+    /// through the scale subresource; 0 stops the pipeline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
-    /// A one-shot reset of the consumer group's offsets, identified by its token.
+    /// A one-shot reset of the consumer group's offsets. Not available in this version:
+    /// refused when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay: Option<Replay>,
     /// Overrides for the worker pods.
@@ -153,7 +158,8 @@ pub enum PayloadFormat {
 #[serde(rename_all = "camelCase")]
 pub struct Transform {
     /// Fields to set: field name → CEL expression, e.g.
-    /// `passwordHash: bcrypt(event.password, 10)`.
+    /// `passwordHash: bcrypt(event.password, 10)` or `email: event.email.lowerAscii()`.
+    /// The functions expressions can call are listed in docs/functions.md.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub set: BTreeMap<String, String>,
     /// Top-level fields to remove after `set`, e.g. `[password]`.
@@ -176,8 +182,8 @@ pub struct Batch {
     /// Longest time a record waits for its batch to fill.
     #[serde(default = "default_max_wait")]
     pub max_wait: DurationString,
-    /// LastWriteWins keeps only each key's last record of a batch (upsert sinks only);
-    /// None (the default) writes every record in order.
+    /// None (the default) writes every record in order. LastWriteWins is not available in
+    /// this version and is refused.
     #[serde(default)]
     pub compaction: Compaction,
 }
@@ -203,7 +209,7 @@ fn default_max_wait() -> DurationString {
     DurationString::new("100ms")
 }
 
-/// Per-key compaction within a batch.
+/// Per-key compaction within a batch (only None runs in this version).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Compaction {
     /// Every record is written, in order.
@@ -266,8 +272,10 @@ fn default_jitter() -> f64 {
 }
 
 /// The dead-letter topic. Its records carry the original key and value, and headers
-/// `weir.error.class`, `weir.error.message`, `weir.attempts`, `weir.source.topic`,
-/// `weir.source.partition`, `weir.source.offset`, `weir.first.failure`.
+/// `weir.error.class`, `weir.error.message`, `weir.attempts` (tries made),
+/// `weir.source.topic`, `weir.source.partition`, `weir.source.offset`,
+/// `weir.first.failure` (when the first try failed) and, for a record a sink refused,
+/// `weir.sink` (that sink's name; the other sinks still applied the record).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
@@ -312,12 +320,13 @@ pub enum Delivery {
     /// Offsets are committed after every sink acknowledged; a crash may apply a record again.
     #[default]
     AtLeastOnce,
-    /// Each record is applied once: offsets are stored in the sink's own transaction
-    /// (PostgreSQL, MySQL) or written in a Kafka transaction (Kafka sink).
+    /// Not available in this version: refused.
     ExactlyOnce,
 }
 
-/// Lag-based autoscaling of the worker Deployment.
+/// How many workers run. This version runs `minReplicas` of them; the lag autoscaler,
+/// which would use the other fields, is not available yet, so setting any of them (or
+/// `minReplicas: 0`) is refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -325,28 +334,26 @@ pub enum Delivery {
     "message": "minReplicas must not exceed maxReplicas"
 }]))]
 pub struct Scaling {
-    /// Fewest workers; 0 lets an idle pipeline scale to zero.
+    /// Workers to run when `spec.replicas` is not set (at least 1 in this version).
     #[serde(default = "default_min_replicas")]
     #[schemars(range(min = 0))]
     pub min_replicas: i32,
-    /// Most workers; more than the topics' partition count would sit idle, so the
-    /// autoscaler caps it there.
+    /// For the lag autoscaler (not available in this version: refused unless 10).
     #[serde(default = "default_max_replicas")]
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
-    /// Lag (records) one worker is expected to carry.
+    /// For the lag autoscaler (not available in this version: refused unless 10000).
     #[serde(default = "default_target_lag")]
     #[schemars(range(min = 1))]
     pub target_lag_per_replica: i64,
-    /// Alternatively, how quickly a backlog should drain, e.g. `2m`; the autoscaler then
-    /// sizes the Deployment from the measured per-worker drain rate.
+    /// For the lag autoscaler (not available in this version: refused when set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_catch_up_time: Option<DurationString>,
-    /// Lag below which a pipeline at zero workers stays at zero.
+    /// For the lag autoscaler (not available in this version: refused unless 0).
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub activation_lag: i64,
-    /// Least time between two scale-downs.
+    /// For the lag autoscaler (not available in this version: refused unless 5m).
     #[serde(default = "default_cooldown")]
     pub cooldown: DurationString,
 }
@@ -377,9 +384,8 @@ fn default_cooldown() -> DurationString {
     DurationString::new("5m")
 }
 
-/// A one-shot offset reset. Change `token` to run another: the operator pauses the
-/// workers, resets the group, optionally truncates the sinks, resumes, and records the
-/// token in status.lastReplay.
+/// A one-shot offset reset, identified by its token. Not available in this version: a
+/// pipeline that sets it is refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

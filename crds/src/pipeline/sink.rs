@@ -25,7 +25,7 @@ pub struct Sink {
     /// Write to a PostgreSQL table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<SqlSink>,
-    /// Write to a MySQL or MariaDB table.
+    /// MySQL or MariaDB: not available in this version (refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql: Option<SqlSink>,
     /// Write to a table in a SQLite database file (`url: sqlite:///data/todos.db`): for
@@ -36,10 +36,10 @@ pub struct Sink {
     /// Write keys to Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSink>,
-    /// POST batches to an HTTP endpoint.
+    /// HTTP: not available in this version (refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSink>,
-    /// Produce to another Kafka topic.
+    /// Another Kafka topic: not available in this version (refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSink>,
 }
@@ -63,7 +63,7 @@ impl Sink {
     }
 }
 
-/// A table in PostgreSQL, MySQL or SQLite, written in one transaction per batch.
+/// A table in PostgreSQL or SQLite, written in one transaction per batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -168,27 +168,50 @@ pub enum RuleAction {
     Delete,
 }
 
-/// Redis: one command per record, pipelined per batch.
+/// Redis: one command per record, sent as one pipeline per batch in the batch's order. A
+/// record whose key or value cannot be computed, or whose command Redis refuses (such as
+/// WRONGTYPE: Hset on a key holding a string), goes to the dead-letter topic; the rest of the
+/// batch lands.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.url) != has(self.urlFrom)",
+    "message": "set exactly one of url, urlFrom"
+}]))]
 pub struct RedisSink {
-    /// Where the URL (`redis://[:password@]host:6379/0`) comes from.
-    pub url_from: SecretSource,
-    /// Set (the default: the value as JSON), Hset (the `fields`) or Del.
+    /// The connection URL when it holds no secret: `redis://host:6379/0`, or
+    /// `rediss://host:6380/0` for TLS (the server's certificate is verified against the
+    /// system's trusted roots; SSL_CERT_FILE in the worker's environment names other ones).
+    /// A URL with a password belongs in `urlFrom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Where the connection URL with credentials, e.g.
+    /// `redis://user:password@host:6379/0` or `rediss://:password@host:6380/0`, comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_from: Option<SecretSource>,
+    /// Set (the default: SET key value), Hset (HSET key with the `fields`) or Del (DEL key).
     #[serde(default)]
     pub command: RedisCommand,
-    /// A CEL expression giving the key, e.g. `"user:" + event.email`.
+    /// A CEL expression giving the key, e.g. `"user:" + event.email`; it must give a
+    /// non-empty string or a number.
     #[schemars(length(min = 1))]
     pub key: String,
-    /// With Set: a CEL expression giving the value; defaults to the event as JSON.
+    /// With Set: a CEL expression giving the value. A string is written as it is, anything
+    /// else as JSON text. Defaults to the event, written the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
-    /// With Hset: hash field → CEL expression.
+    /// With Hset: hash field → CEL expression giving its value (a string as it is, anything
+    /// else as JSON text).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, String>,
-    /// Expiry set with each write, e.g. `24h`. Omit for none.
+    /// Expiry set with each Set or Hset, e.g. `24h` (at least 1ms). Omit for none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<DurationString>,
+    /// Wrap each batch's commands in MULTI/EXEC, so that other clients see all of a batch's
+    /// writes or none of them. Redis does not roll back: a command it refuses while the
+    /// transaction runs (such as WRONGTYPE) fails alone and the others still apply.
+    #[serde(default)]
+    pub transaction: bool,
 }
 
 /// The Redis command a record becomes.
@@ -200,8 +223,7 @@ pub enum RedisCommand {
     Del,
 }
 
-/// HTTP: each batch is one request; 5xx and 429 are retried, other 4xx dead-letter the batch's
-/// records.
+/// HTTP: not available in this version (a pipeline with an http sink is refused).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -242,8 +264,8 @@ pub enum HttpEncoding {
     Ndjson,
 }
 
-/// Produce to a Kafka topic; with `delivery: ExactlyOnce`, in transactions together with the
-/// source offsets.
+/// Another Kafka topic: not available in this version (a pipeline with a kafka sink is
+/// refused).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSink {

@@ -71,6 +71,7 @@ impl EventPipelineSpec {
                 "must be between 1 and 3600",
             );
         }
+        self.check_capabilities(&mut spec);
         Problems(out).into_result()
     }
 }
@@ -157,19 +158,6 @@ fn validate_sinks(spec_value: &EventPipelineSpec, spec: &mut Collector<'_>) {
                 check_cel(key, &mut at.at("key"));
             }
         }
-        if spec_value.delivery == Delivery::ExactlyOnce
-            && (sink.redis.is_some() || sink.http.is_some())
-        {
-            at.error(
-                "delivery: ExactlyOnce needs sinks that can store offsets transactionally (postgres, mysql, kafka); use AtLeastOnce with idempotent writes for redis and http",
-            );
-        }
-    }
-    if spec_value.delivery == Delivery::ExactlyOnce && spec_value.sinks.len() > 1 {
-        spec.field_error(
-            "delivery",
-            "ExactlyOnce supports one sink per pipeline: split the others into their own pipelines reading the same topics",
-        );
     }
 }
 
@@ -302,7 +290,11 @@ fn check_keys_are_columns(
 }
 
 fn validate_redis(sink: &RedisSink, at: &mut Collector<'_>) {
-    check_secret_source(&sink.url_from, &mut at.at("urlFrom"));
+    match (&sink.url, &sink.url_from) {
+        (Some(url), None) => check_redis_url(url, &mut at.at("url")),
+        (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
+        _ => at.error("set exactly one of url, urlFrom"),
+    }
     check_cel(&sink.key, &mut at.at("key"));
     if let Some(value) = &sink.value {
         check_cel(value, &mut at.at("value"));
@@ -331,7 +323,31 @@ fn validate_redis(sink: &RedisSink, at: &mut Collector<'_>) {
         _ => {}
     }
     if let Some(ttl) = &sink.ttl {
-        check_duration(ttl, &mut at.at("ttl"));
+        let mut at = at.at("ttl");
+        if sink.command == RedisCommand::Del {
+            at.error("ttl is used only with commands Set and Hset, not Del");
+        }
+        if check_duration(ttl, &mut at).is_some_and(|ttl| ttl.as_millis() < 1) {
+            at.error("must be at least 1ms");
+        }
+    }
+}
+
+/// A Redis URL written in the resource: redis:// or rediss://, and no password. The messages
+/// quote only the scheme, so a misplaced password is never repeated in status or logs.
+fn check_redis_url(url: &str, at: &mut Collector<'_>) {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        match url.split_once("://") {
+            Some((scheme, _)) => at.error(format!(
+                "must start with redis:// or rediss://, not {scheme}://"
+            )),
+            None => at.error("must start with redis:// or rediss://"),
+        }
+    }
+    if has_password(url) {
+        at.error(
+            "holds a password: move the URL to urlFrom (a Secret, an environment variable or a file) so it never appears in the resource",
+        );
     }
 }
 
@@ -462,7 +478,7 @@ fn check_cel(expression: &str, at: &mut Collector<'_>) {
         at.error("expression must not be empty");
         return;
     }
-    if let Err(err) = cel::Program::compile(expression) {
+    if let Err(err) = crate::cel::check(expression) {
         at.error(format!("invalid CEL expression {expression:?}: {err}"));
     }
 }

@@ -1,0 +1,176 @@
+//! What this version of the worker and operator can run. A spec the schema accepts but that
+//! asks for something not built yet is refused here, with the field path and what to use
+//! instead, so that "accepted" means "runs": the operator reports these problems as
+//! `Ready=False InvalidSpec` before rendering anything, and the worker refuses to start on
+//! them. Each refusal goes when its feature lands.
+
+use super::*;
+use crate::problems::Collector;
+
+/// Sink kinds the worker writes to.
+pub const RUNNABLE_SINKS: &[&str] = &["postgres", "sqlite", "redis"];
+
+impl EventPipelineSpec {
+    pub(super) fn check_capabilities(&self, spec: &mut Collector<'_>) {
+        for (i, sink) in self.sinks.iter().enumerate() {
+            for kind in sink.kinds() {
+                if !RUNNABLE_SINKS.contains(&kind) {
+                    spec.index("sinks", i).field_error(
+                        kind,
+                        format!(
+                            "the {kind} sink is not available in this version yet; the sinks that run are {}",
+                            RUNNABLE_SINKS.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if self.delivery == Delivery::ExactlyOnce {
+            spec.field_error(
+                "delivery",
+                "ExactlyOnce is not available in this version yet: use AtLeastOnce, with spec.idempotency to make a replayed record change nothing in a SQL sink",
+            );
+        }
+        if self.batch.compaction != Compaction::None {
+            spec.at("batch").field_error(
+                "compaction",
+                "LastWriteWins is not available in this version yet: remove it (every record is written, in order; upserts of one key in a batch already fold into one row write)",
+            );
+        }
+        if self.replay.is_some() {
+            spec.field_error(
+                "replay",
+                "declarative replay is not available in this version yet: remove it, and to rebuild, stop the workers (spec.replicas: 0) and reset the consumer group with Kafka's kafka-consumer-groups tool",
+            );
+        }
+        if self.idempotency.is_some()
+            && !self
+                .sinks
+                .iter()
+                .any(|s| s.postgres.is_some() || s.sqlite.is_some())
+        {
+            spec.field_error(
+                "idempotency",
+                "needs a postgres or sqlite sink, which records the applied keys in its own transaction; remove it (Redis SET, HSET and DEL give the same result when repeated)",
+            );
+        }
+        self.check_scaling(&mut spec.at("scaling"));
+    }
+
+    /// The operator runs `spec.replicas` workers, else `scaling.minReplicas`: the lag
+    /// autoscaler that would use the other fields is not built yet.
+    fn check_scaling(&self, at: &mut Collector<'_>) {
+        let scaling = &self.scaling;
+        let defaults = Scaling::default();
+        let autoscaler = "needs the lag autoscaler, which is not available in this version yet: remove it; the operator runs spec.replicas workers, else scaling.minReplicas";
+        if self.replicas.is_none() && scaling.min_replicas == 0 {
+            at.field_error(
+                "minReplicas",
+                "0 (scale to zero) needs the lag autoscaler, which is not available in this version yet: use 1 or more, or set spec.replicas: 0 to stop the pipeline",
+            );
+        }
+        for (field, custom) in [
+            ("maxReplicas", scaling.max_replicas != defaults.max_replicas),
+            (
+                "targetLagPerReplica",
+                scaling.target_lag_per_replica != defaults.target_lag_per_replica,
+            ),
+            ("targetCatchUpTime", scaling.target_catch_up_time.is_some()),
+            (
+                "activationLag",
+                scaling.activation_lag != defaults.activation_lag,
+            ),
+            ("cooldown", scaling.cooldown != defaults.cooldown),
+        ] {
+            if custom {
+                at.field_error(field, autoscaler);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: serde_json::Value) -> EventPipelineSpec {
+        let mut doc = serde_json::json!({
+            "source": {"topics": ["in"]},
+            "sinks": [{"postgres": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}}]
+        });
+        if let (Some(doc), Some(extra)) = (doc.as_object_mut(), extra.as_object()) {
+            doc.extend(extra.clone());
+        }
+        serde_json::from_value(doc).expect("spec parses")
+    }
+
+    fn paths(spec: &EventPipelineSpec) -> Vec<String> {
+        match spec.validate() {
+            Ok(()) => vec![],
+            Err(problems) => problems.iter().map(|p| p.path.clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn what_runs_is_accepted() {
+        assert_eq!(paths(&spec(serde_json::json!({}))), Vec::<String>::new());
+        let pinned = spec(serde_json::json!({"replicas": 0, "scaling": {"minReplicas": 0}}));
+        assert_eq!(paths(&pinned), Vec::<String>::new());
+    }
+
+    #[test]
+    fn sink_kinds_not_built_are_refused_with_their_path() {
+        let s = spec(serde_json::json!({"sinks": [
+            {"http": {"url": "http://x"}},
+            {"kafka": {"topic": "out"}},
+            {"mysql": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}}
+        ]}));
+        let paths = paths(&s);
+        for path in [
+            "spec.sinks[0].http",
+            "spec.sinks[1].kafka",
+            "spec.sinks[2].mysql",
+        ] {
+            assert!(paths.contains(&path.to_owned()), "{path} not in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn modes_not_built_are_refused_with_their_path_and_what_to_use() {
+        let s = spec(serde_json::json!({
+            "delivery": "ExactlyOnce",
+            "batch": {"compaction": "LastWriteWins"},
+            "replay": {"token": "t1", "to": "Earliest"},
+            "scaling": {"minReplicas": 0, "maxReplicas": 12, "targetCatchUpTime": "2m"}
+        }));
+        let problems = s.validate().expect_err("refused");
+        for path in [
+            "spec.delivery",
+            "spec.batch.compaction",
+            "spec.replay",
+            "spec.scaling.minReplicas",
+            "spec.scaling.maxReplicas",
+            "spec.scaling.targetCatchUpTime",
+        ] {
+            let problem = problems
+                .iter()
+                .find(|p| p.path == path)
+                .unwrap_or_else(|| panic!("{path} not refused: {problems}"));
+            assert!(
+                problem
+                    .message
+                    .contains("not available in this version yet"),
+                "{problem}"
+            );
+        }
+    }
+
+    #[test]
+    fn idempotency_needs_a_sink_that_records_keys() {
+        let s = spec(serde_json::json!({
+            "idempotency": {"key": "event.id"},
+            "sinks": [{"redis": {"urlFrom": {"env": "R"}, "key": "event.id"}}]
+        }));
+        assert!(paths(&s).contains(&"spec.idempotency".to_owned()));
+    }
+}
