@@ -17,6 +17,10 @@ pub struct Overrides {
     pub bootstrap_servers: Option<String>,
     pub namespace: Option<String>,
     pub instance_id: Option<String>,
+    /// Records decoded and transformed at once; default: the cores the worker may use.
+    pub transform_threads: Option<usize>,
+    /// The EventPipeline to run when the file holds several.
+    pub pipeline: Option<String>,
 }
 
 /// A pipeline ready to run.
@@ -29,6 +33,8 @@ pub struct WorkerConfig {
     pub kafka: ClientConfig,
     /// Static group membership (`group.instance.id`), e.g. the pod name.
     pub instance_id: Option<String>,
+    /// Records decoded and transformed at once, one thread each.
+    pub transform_threads: usize,
 }
 
 impl WorkerConfig {
@@ -67,18 +73,69 @@ impl ConfigError {
     }
 }
 
-/// A pipeline file's contents: its one EventPipeline (validated) and any KafkaConnections.
+/// A pipeline file's contents: its EventPipelines, KafkaConnections and KafkaTopics.
 #[derive(Clone, Debug)]
 pub struct PipelineFile {
-    pub pipeline: Manifest<EventPipelineSpec>,
+    pub pipelines: Vec<Manifest<EventPipelineSpec>>,
     pub connections: Vec<Manifest<KafkaConnectionSpec>>,
     /// KafkaTopics in the file: the worker does not apply them, but the embedded broker
     /// takes their partitions.
     pub topics: Vec<Manifest<KafkaTopicSpec>>,
 }
 
-/// Reads and validates a pipeline file: exactly one EventPipeline, optionally
-/// KafkaConnections and KafkaTopics.
+impl PipelineFile {
+    /// The EventPipeline to run: the one named `name`, or the file's only one.
+    pub fn pick(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+    ) -> Result<&Manifest<EventPipelineSpec>, ConfigError> {
+        let names = || {
+            self.pipelines
+                .iter()
+                .map(|p| p.metadata.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let unusable = |message: String| ConfigError::Unusable {
+            path: path.to_owned(),
+            message,
+        };
+        match (name, self.pipelines.as_slice()) {
+            (None, [only]) => Ok(only),
+            (None, []) => Err(unusable("holds no EventPipeline".into())),
+            (None, _) => Err(unusable(format!(
+                "holds {} EventPipelines ({}): pick one with --pipeline NAME",
+                self.pipelines.len(),
+                names()
+            ))),
+            (Some(name), _) => self
+                .pipelines
+                .iter()
+                .find(|p| p.metadata.name == name)
+                .ok_or_else(|| {
+                    unusable(format!(
+                        "has no EventPipeline named {name:?}; it holds: {}",
+                        names()
+                    ))
+                }),
+        }
+    }
+
+    /// The KafkaConnection a pipeline uses, when the file holds it.
+    pub fn connection_of(
+        &self,
+        spec: &EventPipelineSpec,
+    ) -> Option<&Manifest<KafkaConnectionSpec>> {
+        let wanted = spec
+            .connection_ref
+            .as_ref()
+            .map_or(DEFAULT_CONNECTION, |r| r.name.as_str());
+        self.connections.iter().find(|c| c.metadata.name == wanted)
+    }
+}
+
+/// Reads a pipeline file (YAML, one or more documents).
 pub fn read(path: &Path) -> Result<PipelineFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
@@ -88,85 +145,79 @@ pub fn read(path: &Path) -> Result<PipelineFile, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let unusable = |message: String| ConfigError::Unusable {
-        path: path.to_owned(),
-        message,
+    let mut file = PipelineFile {
+        pipelines: Vec::new(),
+        connections: Vec::new(),
+        topics: Vec::new(),
     };
-    let mut pipelines = Vec::new();
-    let mut connections = Vec::new();
-    let mut topics = Vec::new();
     for resource in resources {
         match resource {
-            Resource::EventPipeline(p) => pipelines.push(p),
-            Resource::KafkaConnection(c) => connections.push(c),
-            Resource::KafkaTopic(t) => topics.push(t),
+            Resource::EventPipeline(p) => file.pipelines.push(p),
+            Resource::KafkaConnection(c) => file.connections.push(c),
+            Resource::KafkaTopic(t) => file.topics.push(t),
         }
     }
-    let pipeline = match pipelines.len() {
-        1 => pipelines.remove(0),
-        n => {
-            return Err(unusable(format!(
-                "expected exactly one EventPipeline, found {n}"
-            )));
-        }
-    };
-    pipeline
-        .spec
-        .validate()
-        .map_err(|problems| ConfigError::Invalid {
-            path: path.to_owned(),
-            name: pipeline.metadata.name.clone(),
-            problems,
-        })?;
-    Ok(PipelineFile {
-        pipeline,
-        connections,
-        topics,
-    })
+    Ok(file)
 }
 
-/// Reads the pipeline file and resolves what running it needs.
-pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigError> {
-    let PipelineFile {
-        pipeline,
-        connections,
-        ..
-    } = read(path)?;
+/// The worker's start-up checks of a pipeline, short of connecting: `validate()` (shared
+/// with the operator), then compiling every expression and building every sink from its
+/// spec, with placeholder connection URLs where the real ones come from secrets.
+pub fn check(path: &Path, pipeline: &Manifest<EventPipelineSpec>) -> Result<(), ConfigError> {
+    let invalid = |problems| ConfigError::Invalid {
+        path: path.to_owned(),
+        name: pipeline.metadata.name.clone(),
+        problems,
+    };
+    pipeline.spec.validate().map_err(invalid)?;
     let unusable = |message: String| ConfigError::Unusable {
         path: path.to_owned(),
-        message,
+        message: format!("EventPipeline {:?}: {message}", pipeline.metadata.name),
     };
-    let wanted = pipeline
-        .spec
-        .connection_ref
-        .as_ref()
-        .map_or(DEFAULT_CONNECTION, |r| r.name.as_str());
-    let connection = connections
-        .iter()
-        .find(|c| c.metadata.name == wanted)
-        .map(|c| &c.spec);
+    crate::transform::Transformer::from_spec(&pipeline.spec).map_err(unusable)?;
+    crate::sink::check(&pipeline.spec).map_err(unusable)?;
+    Ok(())
+}
+
+/// Reads the pipeline file and resolves what running it needs: the pipeline `overrides`
+/// names (or the file's only one), checked as [`check`] does, and its KafkaConnection.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigError> {
+    let file = read(path)?;
+    let pipeline = file.pick(path, overrides.pipeline.as_deref())?;
+    check(path, pipeline)?;
+    let connection = file.connection_of(&pipeline.spec);
     if let Some(connection) = connection {
         connection
+            .spec
             .validate()
             .map_err(|problems| ConfigError::Invalid {
                 path: path.to_owned(),
-                name: wanted.to_owned(),
+                name: connection.metadata.name.clone(),
                 problems,
             })?;
     }
-    let kafka =
-        client_config(connection, overrides.bootstrap_servers.as_deref()).map_err(unusable)?;
+    let kafka = client_config(
+        connection.map(|c| &c.spec),
+        overrides.bootstrap_servers.as_deref(),
+    )
+    .map_err(|message| ConfigError::Unusable {
+        path: path.to_owned(),
+        message,
+    })?;
     let namespace = overrides
         .namespace
         .clone()
         .or(pipeline.metadata.namespace.clone())
         .unwrap_or_else(|| "default".to_owned());
     Ok(WorkerConfig {
-        name: pipeline.metadata.name,
+        name: pipeline.metadata.name.clone(),
         namespace,
-        spec: pipeline.spec,
+        spec: pipeline.spec.clone(),
         kafka,
         instance_id: overrides.instance_id.clone(),
+        transform_threads: overrides
+            .transform_threads
+            .unwrap_or_else(crate::shards::default_threads),
     })
 }
 

@@ -18,6 +18,7 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "weir.source.partition";
     pub const SOURCE_OFFSET: &str = "weir.source.offset";
     pub const FIRST_FAILURE: &str = "weir.first.failure";
+    pub const SINK: &str = "weir.sink";
 }
 
 /// Why a record is dead-lettered.
@@ -25,8 +26,13 @@ pub mod headers {
 pub struct Failure {
     pub class: ErrorClass,
     pub reason: String,
+    /// Tries made before the record was given up.
     pub attempts: u32,
+    /// When the first of them failed.
     pub first_failure: SystemTime,
+    /// The sink that refused it; `None` when it failed before the sinks (decode, filter,
+    /// transform).
+    pub sink: Option<String>,
 }
 
 #[derive(Clone)]
@@ -73,7 +79,7 @@ impl DeadLetter {
         let offset = record.offset.to_string();
         let attempts = failure.attempts.to_string();
         let first_failure = humantime::format_rfc3339_millis(failure.first_failure).to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 7);
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 8);
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
                 key,
@@ -88,7 +94,10 @@ impl DeadLetter {
             (headers::SOURCE_PARTITION, partition.as_str()),
             (headers::SOURCE_OFFSET, offset.as_str()),
             (headers::FIRST_FAILURE, first_failure.as_str()),
-        ] {
+        ]
+        .into_iter()
+        .chain(failure.sink.as_deref().map(|sink| (headers::SINK, sink)))
+        {
             headers = headers.insert(Header {
                 key,
                 value: Some(value),

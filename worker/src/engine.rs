@@ -1,19 +1,21 @@
 //! The run loop: consume → decode/filter/transform → batch → sinks → dead letters → commit.
 //!
-//! A closed batch is written in its own task while the engine reads the next one; the next
-//! write starts only when the previous one is done. A batch's offsets are stored only after every sink
-//! acknowledged it and every refused record is on the dead-letter topic; librdkafka commits
-//! stored offsets every second, before giving up revoked partitions and on close. So a
-//! worker killed at any instant resumes from a point before anything unacknowledged.
+//! A closed batch is decoded and transformed on every core (`shards`) and then written in
+//! its own task, while the engine reads the next one; the next write starts only when the
+//! previous one is done. The sinks of a pipeline write each batch concurrently, each under
+//! the retry policy on its own, so a failing sink is retried alone. A batch's offsets are
+//! stored only after every sink acknowledged it and every refused record is on the
+//! dead-letter topic; librdkafka commits stored offsets every second, before giving up
+//! revoked partitions and on close. So a worker killed at any instant resumes from a point
+//! before anything unacknowledged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -21,28 +23,13 @@ use tracing::Instrument;
 use crate::batch::{Batch, Limits};
 use crate::config::WorkerConfig;
 use crate::dead_letter::{DeadLetter, Failure};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SinkCounters};
 use crate::record::Record;
-use crate::retry::{Backoff, ErrorClass};
-use crate::sink::{Rejected, Sink, WriteInput};
+use crate::retry::{Backoff, ErrorClass, Limit, Retrier, Stopped};
+use crate::shards::{Prepared, Shards};
+use crate::sink::{Sink, SinkError, WriteInput};
 use crate::source::{self, Consumer, Revocations};
 use crate::transform::Transformer;
-use weir_crds::PayloadFormat;
-
-/// A consumed record and its event: decoded and transformed as it arrives, so this work
-/// overlaps the write of the previous batch instead of delaying the next one. `Ok(None)`:
-/// filtered out; `Err`: undecodable or failing its transform (a dead letter).
-#[derive(Debug)]
-struct Pending {
-    record: Record,
-    event: Result<Option<Value>, String>,
-}
-
-impl crate::batch::Batched for Pending {
-    fn record(&self) -> &Record {
-        &self.record
-    }
-}
 
 /// Why the engine stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -81,9 +68,8 @@ pub struct Engine {
     writer: Option<Writer>,
     /// The batch being written, which hands the writer back.
     in_flight: Option<JoinHandle<(Writer, Result<(), EngineError>)>>,
-    batch: Batch<Pending>,
-    format: PayloadFormat,
-    transformer: Transformer,
+    batch: Batch,
+    shards: Shards,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 }
@@ -105,8 +91,15 @@ impl Engine {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, EngineError> {
         let transformer = Transformer::from_spec(&config.spec).map_err(EngineError::Setup)?;
-        let sinks =
-            Sink::from_spec(&config.spec, &config.consumer_group()).map_err(EngineError::Setup)?;
+        let sinks = crate::sink::build(&config.spec, &config.consumer_group())
+            .map_err(EngineError::Setup)?
+            .into_iter()
+            .map(|named| SinkSlot {
+                counters: metrics.sink(&named.name),
+                name: named.name,
+                sink: named.sink,
+            })
+            .collect();
         let dead_letter = config
             .spec
             .dead_letter
@@ -119,7 +112,11 @@ impl Engine {
             max_bytes: batch.max_bytes.max(1) as usize,
             max_wait: batch.max_wait.parse().map_err(EngineError::Setup)?,
         };
-        let format = config.spec.source.format;
+        let shards = Shards::new(
+            config.transform_threads,
+            config.spec.source.format,
+            transformer,
+        );
         let gate = Arc::new(tokio::sync::Mutex::new(()));
         let (consumer, revocations) = source::consumer(&config, metrics.clone(), gate.clone())?;
         let consumer = Arc::new(consumer);
@@ -127,9 +124,12 @@ impl Engine {
             pipeline: config.name.clone(),
             sinks,
             dead_letter,
-            backoff: Backoff::from_spec(&config.spec.retry),
+            retrier: Retrier::new(
+                Backoff::from_spec(&config.spec.retry),
+                shutdown.clone(),
+                metrics.clone(),
+            ),
             metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
             consumer: consumer.clone(),
         };
         Ok(Self {
@@ -140,8 +140,7 @@ impl Engine {
             writer: Some(writer),
             in_flight: None,
             batch: Batch::new(limits),
-            format,
-            transformer,
+            shards,
             metrics,
             shutdown,
         })
@@ -151,15 +150,14 @@ impl Engine {
     /// and the consumer leaves its group.
     pub async fn run(mut self) -> Result<(), EngineError> {
         if let Some(writer) = &self.writer {
-            for (name, sink) in &writer.sinks {
-                writer.retry_unavailable(name, || sink.prepare()).await?;
-            }
+            writer.prepare_sinks().await?;
         }
         self.metrics.set_ready(true);
         tracing::info!(
             pipeline = %self.config.name,
             group = %self.config.consumer_group(),
             topics = ?self.config.spec.source.topics,
+            transform_threads = self.shards.threads(),
             "consuming"
         );
         let mut flushed = self.consume().await;
@@ -183,8 +181,8 @@ impl Engine {
         }
         self.consumer.unsubscribe();
         if let Some(writer) = &self.writer {
-            for (_, sink) in &writer.sinks {
-                sink.close().await;
+            for slot in &writer.sinks {
+                slot.sink.close().await;
             }
         }
         flushed
@@ -271,9 +269,10 @@ impl Engine {
                 }
                 message = self.consumer.recv() => {
                     // Records fetched before the pause still arrive; they join the batch.
+                    // Revocations are applied by `flush` once this write is done, to
+                    // the batch being prepared too.
                     let record = message.map(|m| source::owned(&m));
                     self.take(record);
-                    self.forget_revoked();
                 }
             }
         };
@@ -312,15 +311,7 @@ impl Engine {
         match message {
             Ok(record) => {
                 Metrics::add(&self.metrics.consumed, 1);
-                let event = record
-                    .decode(self.format)
-                    .map_err(|e| format!("decode: {e}"))
-                    .and_then(|event| {
-                        self.transformer
-                            .apply(&record, event)
-                            .map_err(|e| format!("transform: {e}"))
-                    });
-                self.batch.push(Pending { record, event });
+                self.batch.push(record);
             }
             Err(e) => tracing::warn!(error = %e, "consumer error; retrying"),
         }
@@ -339,26 +330,51 @@ impl Engine {
         }
     }
 
-    /// Hands the batch to the writer once the previous batch is written (so per-key order
-    /// and offset order hold), and goes back to reading while it is written.
+    /// Starts preparing the batch (decode, filter, transform on every core) at once, and
+    /// hands it to the writer once the previous batch is written (so per-key order and
+    /// offset order hold); the engine goes back to reading while it is written.
     async fn flush(&mut self) -> Result<(), EngineError> {
-        self.wait_for_writer().await?;
-        // Taken before the task starts, so a rebalance from now on waits for this batch;
-        // partitions revoked until then are dropped from it.
-        let guard = self.gate.clone().lock_owned().await;
         self.forget_revoked();
-        let pending = self.batch.take();
-        if pending.is_empty() {
-            return Ok(());
+        let records = self.batch.take();
+        if records.is_empty() {
+            return self.wait_for_writer().await;
+        }
+        let shards = self.shards.clone();
+        let prepared = tokio::spawn(async move { shards.prepare(records).await });
+        self.wait_for_writer().await?;
+        // Taken before the write starts, so a rebalance from now on waits for this batch;
+        // partitions revoked until then are dropped from it and from the next one.
+        let guard = self.gate.clone().lock_owned().await;
+        let revoked = self.revocations.take();
+        if !revoked.is_empty() {
+            self.batch.forget_partitions(&revoked);
         }
         let Some(mut writer) = self.writer.take() else {
             return Err(EngineError::Setup("the batch writer is missing".into()));
         };
-        let span =
-            tracing::info_span!("batch", pipeline = %self.config.name, records = pending.len());
+        let span = tracing::info_span!("batch", pipeline = %self.config.name);
         self.in_flight = Some(tokio::spawn(
             async move {
-                let result = writer.write_batch(pending).await;
+                let result = match prepared.await {
+                    Ok(mut prepared) => {
+                        let before = prepared.len();
+                        prepared.retain(|p| {
+                            !revoked
+                                .iter()
+                                .any(|(t, n)| *t == p.record.topic && *n == p.record.partition)
+                        });
+                        if prepared.len() < before {
+                            tracing::info!(
+                                dropped = before - prepared.len(),
+                                "unwritten records of revoked partitions left to their new owner"
+                            );
+                        }
+                        writer.write_batch(prepared).await
+                    }
+                    Err(e) => Err(EngineError::Setup(format!(
+                        "preparing the batch failed: {e}"
+                    ))),
+                };
                 drop(guard);
                 (writer, result)
             }
@@ -368,82 +384,134 @@ impl Engine {
     }
 }
 
+/// A sink of the pipeline with its name and counters.
+#[derive(Debug)]
+struct SinkSlot {
+    name: String,
+    sink: Box<dyn Sink>,
+    counters: Arc<SinkCounters>,
+}
+
 /// Everything a batch write needs. It moves into the task that writes a batch while the
 /// engine reads the next one, and comes back when the write is done.
 struct Writer {
     pipeline: String,
-    sinks: Vec<(String, Sink)>,
+    sinks: Vec<SinkSlot>,
     dead_letter: Option<DeadLetter>,
-    backoff: Backoff,
+    retrier: Retrier,
     metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
     consumer: Arc<Consumer>,
 }
 
 impl Writer {
-    async fn write_batch(&mut self, pending: Vec<Pending>) -> Result<(), EngineError> {
+    /// Prepares every sink, waiting out outages.
+    async fn prepare_sinks(&self) -> Result<(), EngineError> {
+        for slot in &self.sinks {
+            let tried = self
+                .retrier
+                .run(&slot.name, Limit::Succeeded, || slot.sink.prepare())
+                .await
+                .map_err(|e| stopped(&slot.name, e))?;
+            if let Err(e) = tried.outcome {
+                return Err(EngineError::Fatal {
+                    sink: slot.name.clone(),
+                    message: e.message,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_batch(&mut self, prepared: Vec<Prepared>) -> Result<(), EngineError> {
         let started = Instant::now();
-        let mut failures: BTreeMap<usize, Failure> = BTreeMap::new();
-        let mut events: Vec<(usize, Value)> = Vec::with_capacity(pending.len());
-        let mut records: Vec<Record> = Vec::with_capacity(pending.len());
         let now = SystemTime::now();
-        for (index, Pending { record, event }) in pending.into_iter().enumerate() {
+        let mut failures: Vec<(usize, Failure)> = Vec::new();
+        let mut events = Vec::with_capacity(prepared.len());
+        let mut records: Vec<Record> = Vec::with_capacity(prepared.len());
+        for (index, Prepared { record, event }) in prepared.into_iter().enumerate() {
             records.push(record);
             match event {
                 Ok(Some(event)) => events.push((index, event)),
                 Ok(None) => Metrics::add(&self.metrics.filtered, 1),
-                Err(reason) => {
-                    failures.insert(
-                        index,
-                        Failure {
-                            class: ErrorClass::Permanent,
-                            reason,
-                            attempts: 1,
-                            first_failure: now,
-                        },
-                    );
-                }
+                Err(reason) => failures.push((
+                    index,
+                    Failure {
+                        class: ErrorClass::Permanent,
+                        reason,
+                        attempts: 1,
+                        first_failure: now,
+                        sink: None,
+                    },
+                )),
             }
         }
-
-        for i in 0..self.sinks.len() {
-            let input: Vec<WriteInput<'_>> = events
-                .iter()
-                .filter(|(index, _)| !failures.contains_key(index))
-                .map(|(index, event)| WriteInput {
-                    index: *index,
-                    record: &records[*index],
-                    event,
-                })
-                .collect();
-            if input.is_empty() {
-                continue;
-            }
-            let rejected = self.write_with_retries(i, &input).await?;
-            Metrics::add(&self.metrics.skipped, self.sinks[i].1.take_skipped());
-            for Rejected {
-                index,
-                class,
-                reason,
-            } in rejected
-            {
-                let sink = &self.sinks[i].0;
-                failures.entry(index).or_insert(Failure {
-                    class,
-                    reason: format!("sink {sink}: {reason}"),
-                    attempts: 1,
-                    first_failure: SystemTime::now(),
-                });
-            }
-        }
-
-        if !failures.is_empty() {
-            self.dead_letter_all(&records, &failures).await?;
-        }
-        let written = events
+        let input: Vec<WriteInput<'_>> = events
             .iter()
-            .filter(|(i, _)| !failures.contains_key(i))
-            .count();
+            .map(|(index, event)| WriteInput {
+                index: *index,
+                record: &records[*index],
+                event,
+            })
+            .collect();
+
+        // Every sink writes the whole batch, concurrently, each retried on its own: a sink
+        // that fails does not make the others write again, and a record one sink refuses
+        // is still applied by the others.
+        let retrier = &self.retrier;
+        let input = &input;
+        let writes = self.sinks.iter().map(|slot| async move {
+            if input.is_empty() {
+                return Ok((Vec::new(), 0));
+            }
+            let tried = retrier
+                .run(&slot.name, Limit::Attempts, || slot.sink.write(input))
+                .await
+                .map_err(|e| stopped(&slot.name, e))?;
+            let first_failure = tried.first_failure.unwrap_or_else(SystemTime::now);
+            let failure = |class, reason: String| Failure {
+                class,
+                reason: format!("sink {}: {reason}", slot.name),
+                attempts: tried.attempts,
+                first_failure,
+                sink: Some(slot.name.clone()),
+            };
+            let mut skipped = 0;
+            let refused: Vec<(usize, Failure)> = match tried.outcome {
+                Ok(written) => {
+                    skipped = written.skipped;
+                    let applied = input.len() - written.rejected.len() - written.skipped;
+                    Metrics::add(&slot.counters.written, applied);
+                    Metrics::add(&slot.counters.skipped, written.skipped);
+                    written
+                        .rejected
+                        .into_iter()
+                        .map(|r| (r.index, failure(r.class, r.reason)))
+                        .collect()
+                }
+                // Tried `retry.attempts` times: every record of the write is given up.
+                Err(e) => {
+                    let reason = format!("{} (after {} attempts)", e.message, tried.attempts);
+                    input
+                        .iter()
+                        .map(|item| (item.index, failure(ErrorClass::Transient, reason.clone())))
+                        .collect()
+                }
+            };
+            Metrics::add(&slot.counters.rejected, refused.len());
+            Ok::<_, EngineError>((refused, skipped))
+        });
+        for written in futures::future::join_all(writes).await {
+            let (refused, skipped) = written?;
+            failures.extend(refused);
+            Metrics::add(&self.metrics.skipped, skipped);
+        }
+
+        let failed: BTreeSet<usize> = failures.iter().map(|(index, _)| *index).collect();
+        if !failures.is_empty() {
+            self.dead_letter_all(&records, &failures, failed.len())
+                .await?;
+        }
+        let written = events.iter().filter(|(i, _)| !failed.contains(i)).count();
         Metrics::add(&self.metrics.written, written);
         self.store_offsets(&records);
         self.metrics
@@ -459,103 +527,17 @@ impl Writer {
         Ok(())
     }
 
-    /// One sink's write with the retry policy: unavailable destinations are retried without
-    /// limit (the worker reports not-ready), transient failures up to `retry.attempts` tries
-    /// (then every record of the write is refused), fatal ones stop the pipeline.
-    async fn write_with_retries(
-        &mut self,
-        sink_index: usize,
-        input: &[WriteInput<'_>],
-    ) -> Result<Vec<Rejected>, EngineError> {
-        let mut attempt = 1u32;
-        loop {
-            let (name, sink) = &mut self.sinks[sink_index];
-            match sink.write(input).await {
-                Ok(rejected) => {
-                    self.metrics.set_ready(true);
-                    return Ok(rejected);
-                }
-                Err(e) => match e.class {
-                    ErrorClass::Fatal => {
-                        return Err(EngineError::Fatal {
-                            sink: name.clone(),
-                            message: e.message,
-                        });
-                    }
-                    ErrorClass::Transient | ErrorClass::Permanent
-                        if attempt >= self.backoff.attempts =>
-                    {
-                        tracing::warn!(sink = %name, attempts = attempt, error = %e.message, "giving up on this write");
-                        return Ok(input
-                            .iter()
-                            .map(|item| Rejected {
-                                index: item.index,
-                                class: ErrorClass::Transient,
-                                reason: format!("{} (after {attempt} attempts)", e.message),
-                            })
-                            .collect());
-                    }
-                    class => {
-                        if class == ErrorClass::Unavailable {
-                            self.metrics.set_ready(false);
-                        }
-                        let name = name.clone();
-                        tracing::warn!(sink = %name, attempt, class = class.as_str(), error = %e.message, "write failed; retrying");
-                        Metrics::add(&self.metrics.retries, 1);
-                        self.pause(attempt, &name).await?;
-                        attempt += 1;
-                    }
-                },
-            }
-        }
-    }
-
-    /// Waits out the backoff for `attempt`, unless shutdown is asked for.
-    async fn pause(&self, attempt: u32, what: &str) -> Result<(), EngineError> {
-        let delay = self.backoff.delay(attempt, fastrand::f64());
-        let mut shutdown = self.shutdown.clone();
-        if *shutdown.borrow() {
-            return Err(EngineError::StoppedWhileUnavailable(what.to_owned()));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => Ok(()),
-            _ = shutdown.changed() => Err(EngineError::StoppedWhileUnavailable(what.to_owned())),
-        }
-    }
-
-    async fn retry_unavailable<F, Fut>(&self, name: &str, mut op: F) -> Result<(), EngineError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<(), crate::sink::SinkError>>,
-    {
-        let mut attempt = 1;
-        loop {
-            match op().await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.class == ErrorClass::Fatal => {
-                    return Err(EngineError::Fatal {
-                        sink: name.to_owned(),
-                        message: e.message,
-                    });
-                }
-                Err(e) => {
-                    self.metrics.set_ready(false);
-                    tracing::warn!(sink = %name, attempt, error = %e.message, "sink not ready; retrying");
-                    self.pause(attempt, name).await?;
-                    attempt += 1;
-                }
-            }
-        }
-    }
-
+    /// Sends every failure to the dead-letter topic (one record per refusing sink), each
+    /// retried until the broker has it; without a dead-letter topic the pipeline stops.
     async fn dead_letter_all(
-        &mut self,
+        &self,
         records: &[Record],
-        failures: &BTreeMap<usize, Failure>,
+        failures: &[(usize, Failure)],
+        failed_records: usize,
     ) -> Result<(), EngineError> {
-        Metrics::add(&self.metrics.failed, failures.len());
-        let Some(dead_letter) = self.dead_letter.clone() else {
-            let Some((index, failure)) = failures.iter().next() else {
+        Metrics::add(&self.metrics.failed, failed_records);
+        let Some(dead_letter) = &self.dead_letter else {
+            let Some((index, failure)) = failures.first() else {
                 return Ok(());
             };
             let record = &records[*index];
@@ -566,26 +548,25 @@ impl Writer {
                 reason: failure.reason.clone(),
             });
         };
+        const WHAT: &str = "the dead-letter topic";
         for (index, failure) in failures {
             let record = &records[*index];
             tracing::warn!(
                 topic = %record.topic, partition = record.partition, offset = record.offset,
                 class = failure.class.as_str(), reason = %failure.reason,
+                sink = failure.sink.as_deref().unwrap_or(""),
+                attempts = failure.attempts,
                 dead_letter = %dead_letter.topic(), "record dead-lettered"
             );
-            let mut attempt = 1;
-            loop {
-                match dead_letter.send(record, failure).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        self.metrics.set_ready(false);
-                        tracing::warn!(error = %e, attempt, "dead-letter produce failed; retrying");
-                        Metrics::add(&self.metrics.retries, 1);
-                        self.pause(attempt, "the dead-letter topic").await?;
-                        attempt += 1;
-                    }
-                }
-            }
+            self.retrier
+                .run(WHAT, Limit::Succeeded, || async {
+                    dead_letter
+                        .send(record, failure)
+                        .await
+                        .map_err(|e| SinkError::new(ErrorClass::Unavailable, e.to_string()))
+                })
+                .await
+                .map_err(|e| stopped(WHAT, e))?;
             Metrics::add(&self.metrics.dead_lettered, 1);
         }
         Ok(())
@@ -614,6 +595,17 @@ impl Writer {
                 tracing::warn!(error = %e, "offset store failed; records will be read again")
             }
         }
+    }
+}
+
+/// The engine's error for a retry loop that stopped without an outcome.
+fn stopped(what: &str, stopped: Stopped) -> EngineError {
+    match stopped {
+        Stopped::Fatal(e) => EngineError::Fatal {
+            sink: what.to_owned(),
+            message: e.message,
+        },
+        Stopped::Shutdown { .. } => EngineError::StoppedWhileUnavailable(what.to_owned()),
     }
 }
 

@@ -31,6 +31,9 @@ enum Command {
         /// The pipeline file (YAML, as applied to Kubernetes).
         #[arg(short, long)]
         file: PathBuf,
+        /// The EventPipeline to run, when the file holds several.
+        #[arg(short, long, env = "WEIR_PIPELINE")]
+        pipeline: Option<String>,
         /// Kafka bootstrap servers, overriding the file's KafkaConnection.
         #[arg(long, env = "WEIR_KAFKA_BOOTSTRAP_SERVERS")]
         bootstrap_servers: Option<String>,
@@ -42,6 +45,11 @@ enum Command {
         /// of waiting for a rebalance.
         #[arg(long, env = "WEIR_INSTANCE_ID")]
         instance_id: Option<String>,
+        /// Records decoded and transformed at once, one thread each (CPU-heavy transforms
+        /// such as bcrypt use them all). Default: the cores this process may use — its
+        /// cgroup's CPU quota (the pod's CPU limit) when it has one.
+        #[arg(long, env = "WEIR_TRANSFORM_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        transform_threads: Option<u16>,
         /// Address of the /metrics, /healthz and /readyz server.
         #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:9090")]
         metrics_addr: SocketAddr,
@@ -88,9 +96,10 @@ enum Command {
         #[arg(long, default_value = "weir-quickstart.db")]
         database: PathBuf,
     },
-    /// Check a pipeline file: parse it and report every problem with its field path.
+    /// Check a pipeline file as the worker checks it before starting: every EventPipeline
+    /// in it, every problem with its field path.
     Validate {
-        /// The EventPipeline YAML file.
+        /// The YAML file (one or more documents).
         #[arg(short, long)]
         file: PathBuf,
     },
@@ -109,12 +118,14 @@ fn main() -> ExitCode {
         }
     };
     match Cli::parse().command {
-        Command::Validate { file } => validate(file),
+        Command::Validate { file } => runtime.block_on(async { validate(file) }),
         Command::Run {
             file,
+            pipeline,
             bootstrap_servers,
             namespace,
             instance_id,
+            transform_threads,
             metrics_addr,
             log_format,
             embedded_broker,
@@ -125,6 +136,8 @@ fn main() -> ExitCode {
                 bootstrap_servers,
                 namespace,
                 instance_id,
+                transform_threads: transform_threads.map(usize::from),
+                pipeline,
             };
             runtime.block_on(run(file, overrides, metrics_addr, embedded_broker, status))
         }
@@ -183,7 +196,7 @@ async fn run(
     // Kept alive while the pipeline runs.
     let mut broker = None;
     if embedded_broker {
-        match start_embedded_broker(&file) {
+        match start_embedded_broker(&file, overrides.pipeline.as_deref()) {
             Ok(started) => {
                 overrides.bootstrap_servers = Some(started.bootstrap_servers());
                 broker = Some(started);
@@ -277,12 +290,13 @@ async fn wait_for_signal() {
 /// KafkaTopics, else 1).
 fn start_embedded_broker(
     file: &std::path::Path,
+    pipeline: Option<&str>,
 ) -> anyhow::Result<weir_worker::embedded::EmbeddedBroker> {
     use anyhow::Context as _;
     let read = config::read(file)?;
+    let spec = &read.pick(file, pipeline)?.spec;
     let broker = weir_worker::embedded::EmbeddedBroker::start()
         .context("cannot start the embedded broker")?;
-    let spec = &read.pipeline.spec;
     let wanted = spec
         .source
         .topics
@@ -322,26 +336,43 @@ fn init_logs(format: &str, default_filter: &str, status: Option<ProgressBar>) {
     }
 }
 
+/// Checks every EventPipeline of the file as `run` would before starting; exit code 2 when
+/// any is refused.
 fn validate(file: PathBuf) -> ExitCode {
-    match config::read(&file) {
-        Ok(read) => {
-            let pipeline = read.pipeline;
-            eprintln!(
+    let read = match config::read(&file) {
+        Ok(read) => read,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return if err.is_spec_error() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    if read.pipelines.is_empty() {
+        eprintln!("error: {}: holds no EventPipeline", file.display());
+        return ExitCode::from(2);
+    }
+    let mut refused = 0;
+    for pipeline in &read.pipelines {
+        match config::check(&file, pipeline) {
+            Ok(()) => eprintln!(
                 "{}: EventPipeline {:?} is valid ({} sink(s), topics {})",
                 file.display(),
                 pipeline.metadata.name,
                 pipeline.spec.sinks.len(),
                 pipeline.spec.source.topics.join(", ")
-            );
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            if err.is_spec_error() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
+            ),
+            Err(err) => {
+                refused += 1;
+                eprintln!("error: {err}");
             }
         }
+    }
+    if refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     }
 }

@@ -62,7 +62,21 @@ impl Histogram {
     }
 }
 
-/// The worker's counters. Labels are bounded: the pipeline name only.
+/// One sink's counters, labelled with its name from the spec (a bounded set).
+#[derive(Debug, Default)]
+pub struct SinkCounters {
+    /// Records the sink applied.
+    pub written: AtomicU64,
+    /// Records it acknowledged without writing (no rule matched, already applied).
+    pub skipped: AtomicU64,
+    /// Records it refused (dead-lettered with `weir.sink` naming it).
+    pub rejected: AtomicU64,
+    /// Writes of it that were retried.
+    pub retries: AtomicU64,
+}
+
+/// The worker's counters. Labels are bounded: the pipeline name, and the sink name on the
+/// per-sink counters.
 #[derive(Debug)]
 pub struct Metrics {
     pipeline: String,
@@ -79,6 +93,10 @@ pub struct Metrics {
     ready: AtomicBool,
     /// Per (topic, partition): records behind the partition's end, as the consumer sees it.
     lag: Mutex<BTreeMap<(String, i32), i64>>,
+    sinks: Mutex<BTreeMap<String, Arc<SinkCounters>>>,
+    /// What cannot be reached right now (a sink's name, the dead-letter topic): not ready
+    /// while any is.
+    unreachable: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Metrics {
@@ -97,7 +115,26 @@ impl Metrics {
             batch_latency: Histogram::new(&LATENCY_BUCKETS),
             ready: AtomicBool::new(false),
             lag: Mutex::new(BTreeMap::new()),
+            sinks: Mutex::new(BTreeMap::new()),
+            unreachable: Mutex::new(std::collections::BTreeSet::new()),
         })
+    }
+
+    /// The counters of the sink named `name`, registered on first use.
+    pub fn sink(&self, name: &str) -> Arc<SinkCounters> {
+        match self.sinks.lock() {
+            Ok(mut sinks) => sinks.entry(name.to_owned()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// Counts a retry of `what`: a sink's name (counted for that sink too) or other work.
+    pub fn retried(&self, what: &str) {
+        Self::add(&self.retries, 1);
+        let sink = self.sinks.lock().ok().and_then(|s| s.get(what).cloned());
+        if let Some(sink) = sink {
+            Self::add(&sink.retries, 1);
+        }
     }
 
     pub fn add(counter: &AtomicU64, n: usize) {
@@ -130,8 +167,25 @@ impl Metrics {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// Notes whether `what` (a sink, the dead-letter topic) can be reached.
+    pub fn set_reachable(&self, what: &str, reachable: bool) {
+        if let Ok(mut unreachable) = self.unreachable.lock() {
+            if reachable {
+                unreachable.remove(what);
+            } else {
+                unreachable.insert(what.to_owned());
+            }
+        }
+    }
+
+    /// Ready: the broker and every sink answered on their last try.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+            && self
+                .unreachable
+                .lock()
+                .map(|u| u.is_empty())
+                .unwrap_or(false)
     }
 
     /// The Prometheus text exposition.
@@ -181,6 +235,43 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{labels}}} {}",
                 counter.load(Ordering::Relaxed)
             );
+        }
+        let sinks: Vec<(String, Arc<SinkCounters>)> = self
+            .sinks
+            .lock()
+            .map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        for (name, help, counter) in [
+            (
+                "weir_sink_records_written_total",
+                "Records a sink applied.",
+                (|c: &SinkCounters| &c.written) as fn(&SinkCounters) -> &AtomicU64,
+            ),
+            (
+                "weir_sink_records_skipped_total",
+                "Records a sink acknowledged without writing: duplicates, or matched by no rule.",
+                |c| &c.skipped,
+            ),
+            (
+                "weir_sink_records_rejected_total",
+                "Records a sink refused; each went to the dead-letter topic naming the sink.",
+                |c| &c.rejected,
+            ),
+            (
+                "weir_sink_retries_total",
+                "Retried writes of a sink.",
+                |c| &c.retries,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (sink, counters) in &sinks {
+                let _ = writeln!(
+                    out,
+                    "{name}{{{labels},sink=\"{}\"}} {}",
+                    sink.replace('"', ""),
+                    counter(counters).load(Ordering::Relaxed)
+                );
+            }
         }
         self.batch_size.render(
             &mut out,
@@ -283,5 +374,22 @@ mod tests {
             m.render()
         );
         assert_eq!(m.total_lag(), 40);
+    }
+
+    #[test]
+    fn sink_counters_carry_the_sink_label() {
+        let m = Metrics::new("users");
+        let cache = m.sink("users-cache");
+        Metrics::add(&cache.written, 7);
+        m.retried("users-cache");
+        m.retried("the dead-letter topic");
+        let text = m.render();
+        for line in [
+            "weir_sink_records_written_total{pipeline=\"users\",sink=\"users-cache\"} 7",
+            "weir_sink_retries_total{pipeline=\"users\",sink=\"users-cache\"} 1",
+            "weir_retries_total{pipeline=\"users\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -1,13 +1,14 @@
 //! CEL expressions over an event: the pipeline's filter and transform, and the sinks'
 //! conditions. Variables: `event` (the decoded value), `key`, `headers`, `topic`,
-//! `partition`, `offset`, `timestamp` (milliseconds since the epoch).
+//! `partition`, `offset`, `timestamp` (milliseconds since the epoch). Functions: those of
+//! `weir_crds::cel::FUNCTIONS`, from [`functions::env`].
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde_json::Value;
 use weir_crds::EventPipelineSpec;
 
+use crate::functions;
 use crate::record::Record;
 
 /// A compiled CEL expression and its source, for error messages.
@@ -23,9 +24,12 @@ impl fmt::Debug for Expression {
 }
 
 impl Expression {
+    /// Compiles `source`, refusing what `EventPipelineSpec::validate` refuses: a call of a
+    /// function Weir's CEL lacks, or with the wrong number of arguments.
     pub fn compile(source: &str) -> Result<Self, String> {
-        let program = cel::Program::compile(source)
-            .map_err(|e| format!("invalid CEL expression {source:?}: {e}"))?;
+        let invalid = |e: &dyn fmt::Display| format!("invalid CEL expression {source:?}: {e}");
+        weir_crds::cel::check(source).map_err(|e| invalid(&e))?;
+        let program = functions::env().compile(source).map_err(|e| invalid(&e))?;
         Ok(Self {
             source: source.to_owned(),
             program,
@@ -64,33 +68,55 @@ impl Expression {
 
 /// The variables an expression sees for one record.
 pub fn context<'a>(record: &Record, event: &Value) -> Result<cel::Context<'a, 'a>, String> {
-    let mut context = cel::Context::default();
-    let headers: BTreeMap<String, String> = record
+    let mut context = cel::Context::with_env(functions::env());
+    let headers: std::collections::HashMap<String, cel::Value> = record
         .headers
         .iter()
-        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                cel::Value::from(String::from_utf8_lossy(v).into_owned()),
+            )
+        })
         .collect();
-    let add = |context: &mut cel::Context<'a, 'a>, name: &str, value: Value| {
-        context
-            .add_variable(name, value)
-            .map_err(|e| format!("cannot expose {name} to CEL: {e}"))
-    };
-    add(&mut context, "event", event.clone())?;
-    add(
-        &mut context,
+    context.add_variable_from_value("event", to_cel(event));
+    context.add_variable_from_value(
         "key",
-        record.key_text().map_or(Value::Null, Value::String),
-    )?;
-    add(&mut context, "headers", serde_json::json!(headers))?;
-    add(&mut context, "topic", Value::String(record.topic.clone()))?;
-    add(&mut context, "partition", Value::from(record.partition))?;
-    add(&mut context, "offset", Value::from(record.offset))?;
-    add(
-        &mut context,
+        record.key_text().map_or(cel::Value::Null, cel::Value::from),
+    );
+    context.add_variable_from_value("headers", headers);
+    context.add_variable_from_value("topic", record.topic.clone());
+    context.add_variable_from_value("partition", cel::Value::Int(i64::from(record.partition)));
+    context.add_variable_from_value("offset", cel::Value::Int(record.offset));
+    context.add_variable_from_value(
         "timestamp",
-        record.timestamp.map_or(Value::Null, Value::from),
-    )?;
+        record.timestamp.map_or(cel::Value::Null, cel::Value::Int),
+    );
     Ok(context)
+}
+
+/// An event as CEL sees it. JSON integers are CEL `int` (as Kubernetes' CEL reads JSON),
+/// so `event.n % 5` and `event.priority >= 0` work; only an integer beyond int's range
+/// becomes `uint`, and other numbers `double`.
+fn to_cel(value: &Value) -> cel::Value {
+    match value {
+        Value::Null => cel::Value::Null,
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => cel::Value::Int(i),
+            (None, Some(u)) => cel::Value::UInt(u),
+            _ => cel::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => cel::Value::from(s.clone()),
+        Value::Array(items) => {
+            cel::Value::List(std::sync::Arc::new(items.iter().map(to_cel).collect()))
+        }
+        Value::Object(fields) => {
+            let map: std::collections::HashMap<String, cel::Value> =
+                fields.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+            cel::Value::from(map)
+        }
+    }
 }
 
 /// The pipeline's filter and transform.
@@ -212,6 +238,40 @@ mod tests {
             out,
             json!({"email": "a@b", "where": "users/2/41", "who": "u1", "from": "csv"})
         );
+    }
+
+    #[test]
+    fn a_function_failing_on_one_record_is_an_error_naming_the_expression() {
+        let t = Transformer::from_spec(&pipeline(
+            "transform:\n  set:\n    passwordHash: bcrypt(event.password, 10)",
+        ))
+        .expect("compiles");
+        for event in [json!({"email": "a@b"}), json!({"password": 42})] {
+            let err = t.apply(&record(), event.clone()).expect_err("fails");
+            assert!(
+                err.contains("\"bcrypt(event.password, 10)\" failed"),
+                "{event}: {err}"
+            );
+        }
+        let hashed = t
+            .apply(&record(), json!({"password": "s3cret"}))
+            .expect("applies")
+            .expect("kept");
+        assert!(
+            hashed["passwordHash"]
+                .as_str()
+                .is_some_and(|h| h.starts_with("$2b$10$"))
+        );
+    }
+
+    #[test]
+    fn an_expression_calling_an_unknown_function_does_not_compile() {
+        let err = Expression::compile("lowerAscii(event.email)").expect_err("refused");
+        assert!(
+            err.contains("did you mean `event.email.lowerAscii()`?"),
+            "{err}"
+        );
+        assert!(Expression::compile("event.email.lowerAscii()").is_ok());
     }
 
     #[test]

@@ -95,6 +95,7 @@ pub async fn run(database: &Path) -> anyhow::Result<()> {
             .set("bootstrap.servers", &bootstrap)
             .clone(),
         instance_id: None,
+        transform_threads: weir_worker::shards::default_threads(),
     };
     let engine = Engine::new(config, metrics.clone(), shutdown)?;
     let running = tokio::spawn(engine.run());

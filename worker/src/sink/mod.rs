@@ -1,11 +1,16 @@
-//! Sinks: each kind in its own folder with the same slots (build from spec, prepare, write
-//! one batch, close). Batching, retry classification and offset commits are shared, in the
-//! engine.
+//! Sinks: every kind behind the one [`Sink`] trait, each in its own folder with the same
+//! slots — build from its spec, prepare, write one batch (acknowledged or refused records),
+//! classify its errors, close — and its tests. Batching, retries and offset commits are
+//! shared machinery in the engine, which names no sink kind.
 
 pub mod postgres;
+pub mod redis;
 pub mod sql;
 pub mod sqlite;
 
+use std::fmt;
+
+use futures::future::BoxFuture;
 use serde_json::Value;
 use weir_crds::{EventPipelineSpec, Sink as SinkSpec};
 
@@ -30,6 +35,15 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// What a sink did with a batch it acknowledged: everything not refused is applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Events refused permanently (they go to the dead-letter topic).
+    pub rejected: Vec<Rejected>,
+    /// Events acknowledged without being written: matched by no rule, or already applied.
+    pub skipped: usize,
+}
+
 /// A failure of a whole write, classified for the retry policy.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -38,85 +52,129 @@ pub struct SinkError {
     pub message: String,
 }
 
-/// A configured sink.
-#[derive(Debug)]
-pub enum Sink {
-    Postgres(postgres::PostgresSink),
-    Sqlite(sqlite::SqliteSink),
+impl SinkError {
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+        }
+    }
 }
 
-impl Sink {
-    /// Builds every sink of a pipeline. `scope` names the pipeline's bookkeeping (its
-    /// consumer group).
-    pub fn from_spec(spec: &EventPipelineSpec, scope: &str) -> Result<Vec<(String, Sink)>, String> {
-        let idempotency = spec
-            .idempotency
-            .as_ref()
-            .map(|i| -> Result<Idempotency, String> {
-                Ok(Idempotency {
-                    scope: scope.to_owned(),
-                    key: i.key.clone(),
-                    window: i.window.parse()?,
-                })
+/// A destination. The engine writes one batch at a time to it; a write either
+/// acknowledges the batch (some events possibly refused) or fails as a whole, and the
+/// engine retries it by its [`ErrorClass`]. A write may be repeated after a failure, so it
+/// must be safe to apply twice (upserts, idempotency keys, SET/DEL).
+pub trait Sink: Send + Sync + fmt::Debug {
+    /// Checks the destination answers and creates Weir's own bookkeeping there. Retried
+    /// while the destination is unavailable; `Fatal` stops the pipeline.
+    fn prepare(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+
+    /// Writes one batch, in order.
+    fn write<'a>(
+        &'a self,
+        input: &'a [WriteInput<'a>],
+    ) -> BoxFuture<'a, Result<Written, SinkError>>;
+
+    /// Releases connections; called once, after the last write.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A built sink with the name its metrics, logs and dead letters use.
+#[derive(Debug)]
+pub struct NamedSink {
+    /// `spec.sinks[i].name`, or the kind and position, e.g. `postgres-0`.
+    pub name: String,
+    pub sink: Box<dyn Sink>,
+}
+
+/// Builds every sink of a pipeline. `scope` names the pipeline's bookkeeping (its consumer
+/// group). Connections are made on first use, so an unreachable destination is retried by
+/// the engine rather than failing the start. Call inside a tokio runtime.
+pub fn build(spec: &EventPipelineSpec, scope: &str) -> Result<Vec<NamedSink>, String> {
+    build_with(
+        spec,
+        scope,
+        &|kind, url_given, from, at| match (url_given, from) {
+            (Some(url), _) => Ok(url.clone()),
+            (None, Some(from)) => resolve_secret(from).map_err(|e| format!("{at}.urlFrom: {e}")),
+            (None, None) => Err(format!("{at}: set url or urlFrom ({kind})")),
+        },
+    )
+}
+
+/// Builds every sink as [`build`] does, without reading secrets: a URL that comes from a
+/// secret is replaced by a placeholder of its kind (nothing connects until a write). The
+/// worker's start-up check. Call inside a tokio runtime.
+pub fn check(spec: &EventPipelineSpec) -> Result<(), String> {
+    build_with(spec, "check", &|kind, url_given, _, _| {
+        Ok(url_given.clone().unwrap_or_else(|| {
+            match kind {
+                "postgres" => "postgres://weir-check.invalid/check",
+                "sqlite" => "sqlite::memory:",
+                _ => "redis://weir-check.invalid/",
+            }
+            .to_owned()
+        }))
+    })
+    .map(drop)
+}
+
+/// How a sink's connection URL is found: (kind, `url`, `urlFrom`, field path) → URL.
+type UrlOf<'a> = dyn Fn(&str, &Option<String>, &Option<weir_crds::SecretSource>, &str) -> Result<String, String>
+    + 'a;
+
+fn build_with(
+    spec: &EventPipelineSpec,
+    scope: &str,
+    url: &UrlOf<'_>,
+) -> Result<Vec<NamedSink>, String> {
+    let idempotency = spec
+        .idempotency
+        .as_ref()
+        .map(|i| -> Result<Idempotency, String> {
+            Ok(Idempotency {
+                scope: scope.to_owned(),
+                key: i.key.clone(),
+                window: i.window.parse()?,
             })
-            .transpose()?;
-        if spec.delivery == weir_crds::Delivery::ExactlyOnce {
-            return Err("spec.delivery: ExactlyOnce is not available in this worker version yet; use AtLeastOnce with spec.idempotency for effectively-once projections".into());
-        }
-        spec.sinks
-            .iter()
-            .enumerate()
-            .map(|(i, sink)| {
-                let name = sink_name(sink, i);
-                let built = match sink {
-                    SinkSpec { postgres: Some(pg), .. } => {
-                        let url = sql_url(pg, &format!("spec.sinks[{i}].postgres"))?;
-                        Sink::Postgres(postgres::PostgresSink::new(pg.clone(), &url, idempotency.clone())?)
-                    }
-                    SinkSpec { sqlite: Some(lite), .. } => {
-                        let url = sql_url(lite, &format!("spec.sinks[{i}].sqlite"))?;
-                        Sink::Sqlite(sqlite::SqliteSink::new(lite.clone(), &url, idempotency.clone())?)
-                    }
-                    other => {
-                        return Err(format!(
-                            "spec.sinks[{i}]: the {} sink is not available in this worker version yet; the postgres and sqlite sinks are",
-                            other.kinds().join("/")
-                        ));
-                    }
-                };
-                Ok((name, built))
+        })
+        .transpose()?;
+    spec.sinks
+        .iter()
+        .enumerate()
+        .map(|(i, sink)| {
+            let at = format!("spec.sinks[{i}]");
+            let built: Box<dyn Sink> = match sink {
+                SinkSpec {
+                    postgres: Some(pg), ..
+                } => {
+                    let url = url("postgres", &pg.url, &pg.url_from, &format!("{at}.postgres"))?;
+                    Box::new(postgres::build(pg, &url, idempotency.clone())?)
+                }
+                SinkSpec {
+                    sqlite: Some(lite), ..
+                } => {
+                    let url = url("sqlite", &lite.url, &lite.url_from, &format!("{at}.sqlite"))?;
+                    Box::new(sqlite::build(lite, &url, idempotency.clone())?)
+                }
+                SinkSpec { redis: Some(r), .. } => {
+                    let url = url("redis", &r.url, &r.url_from, &format!("{at}.redis"))?;
+                    Box::new(redis::RedisSink::new(r.clone(), &url)?)
+                }
+                other => {
+                    return Err(format!(
+                        "{at}: the {} sink is not available in this worker version",
+                        other.kinds().join("/")
+                    ));
+                }
+            };
+            Ok(NamedSink {
+                name: sink_name(sink, i),
+                sink: built,
             })
-            .collect()
-    }
-
-    pub async fn prepare(&self) -> Result<(), SinkError> {
-        match self {
-            Sink::Postgres(s) => s.prepare().await,
-            Sink::Sqlite(s) => s.prepare().await,
-        }
-    }
-
-    pub async fn write(&mut self, input: &[WriteInput<'_>]) -> Result<Vec<Rejected>, SinkError> {
-        match self {
-            Sink::Postgres(s) => s.write(input).await,
-            Sink::Sqlite(s) => s.write(input).await,
-        }
-    }
-
-    /// Events skipped since the last call: matched by no rule, or already applied.
-    pub fn take_skipped(&mut self) -> usize {
-        match self {
-            Sink::Postgres(s) => s.take_skipped(),
-            Sink::Sqlite(s) => s.take_skipped(),
-        }
-    }
-
-    pub async fn close(&self) {
-        match self {
-            Sink::Postgres(s) => s.close().await,
-            Sink::Sqlite(s) => s.close().await,
-        }
-    }
+        })
+        .collect()
 }
 
 /// `name`, or the kind and position, e.g. `postgres-0`.
@@ -127,15 +185,6 @@ pub fn sink_name(sink: &SinkSpec, index: usize) -> String {
             sink.kinds().first().copied().unwrap_or("sink")
         )
     })
-}
-
-/// A SQL sink's connection URL: `url`, or the secret `urlFrom` names.
-fn sql_url(spec: &weir_crds::SqlSink, at: &str) -> Result<String, String> {
-    match (&spec.url, &spec.url_from) {
-        (Some(url), _) => Ok(url.clone()),
-        (None, Some(from)) => resolve_secret(from).map_err(|e| format!("{at}.urlFrom: {e}")),
-        (None, None) => Err(format!("{at}: set url or urlFrom")),
-    }
 }
 
 /// Removes a password from any URL in a message.

@@ -1,5 +1,6 @@
-//! The PostgreSQL sink: one transaction per batch, one UNNEST statement per group of rows
-//! (see `sql::plan`), idempotency keys written in the same transaction as the rows.
+//! The PostgreSQL sink: the SQL table sink over PostgreSQL. One transaction per batch,
+//! one UNNEST statement per group of rows (see `sql::plan`), idempotency keys written in
+//! the same transaction as the rows.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -7,104 +8,70 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use weir_crds::{ColumnType, SqlSink};
 
+use super::SinkError;
+use super::redact;
 use super::sql::plan::{Action, Group, Step, plan};
-use super::sql::{Applied, Idempotency, Projection, Transact, quote, quote_table};
-use super::{Rejected, SinkError, WriteInput, redact};
+use super::sql::values::{convert, parse_bool, parse_int};
+use super::sql::{Applied, Dialect, Idempotency, SqlTable, quote, quote_table};
 use crate::retry::ErrorClass;
 
-#[derive(Debug)]
-pub struct PostgresSink {
-    projection: Projection,
-    pool: PgPool,
+/// Builds the sink; the connection is made on first use, so an unreachable database is
+/// retried by the engine rather than failing the start.
+pub fn build(
+    spec: &SqlSink,
+    url: &str,
     idempotency: Option<Idempotency>,
-    batches: u64,
-    /// Events skipped (no rule matched, or already applied) since last taken.
-    skipped: usize,
+) -> Result<SqlTable<Postgres>, String> {
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(url)
+        .map_err(|e| format!("invalid PostgreSQL URL: {}", redact(&e.to_string())))?;
+    SqlTable::new(spec.clone(), idempotency, Postgres { pool })
 }
 
-impl PostgresSink {
-    /// Builds the sink; the connection is made on first use, so an unreachable database
-    /// is retried by the engine rather than failing the start.
-    pub fn new(spec: SqlSink, url: &str, idempotency: Option<Idempotency>) -> Result<Self, String> {
-        let pool = PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy(url)
-            .map_err(|e| format!("invalid PostgreSQL URL: {}", redact(&e.to_string())))?;
-        Ok(Self {
-            projection: Projection::new(spec)?,
-            pool,
-            idempotency,
-            batches: 0,
-            skipped: 0,
-        })
-    }
+/// PostgreSQL as a SQL dialect.
+#[derive(Debug)]
+pub struct Postgres {
+    pool: PgPool,
+}
 
-    /// Creates Weir's own bookkeeping table when idempotency is on.
-    pub async fn prepare(&self) -> Result<(), SinkError> {
-        if self.idempotency.is_some() {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS weir_idempotency (
-                    scope text NOT NULL,
-                    key text NOT NULL,
-                    applied_at timestamptz NOT NULL DEFAULT now(),
-                    PRIMARY KEY (scope, key))",
-            )
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
-        }
+impl Dialect for Postgres {
+    async fn create_idempotency_table(&self) -> Result<(), SinkError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS weir_idempotency (
+                scope text NOT NULL,
+                key text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (scope, key))",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
         Ok(())
     }
 
-    /// Writes the events; returns those refused permanently (a constraint violation, a
-    /// value PostgreSQL cannot cast), so the rest of the batch still lands.
-    pub async fn write(&mut self, input: &[WriteInput<'_>]) -> Result<Vec<Rejected>, SinkError> {
-        let (refused, skipped) = super::sql::write(&*self, input).await?;
-        self.skipped += skipped;
-        self.batches += 1;
-        if self.batches.is_multiple_of(100) {
-            self.expire_idempotency_keys().await;
-        }
-        Ok(refused)
+    async fn expire_keys(&self, idempotency: &Idempotency) -> Result<(), SinkError> {
+        sqlx::query(
+            "DELETE FROM weir_idempotency WHERE scope = $1 AND applied_at < now() - make_interval(secs => $2)",
+        )
+        .bind(&idempotency.scope)
+        .bind(idempotency.window.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
     }
 
-    async fn expire_idempotency_keys(&self) {
-        if let Some(idempotency) = &self.idempotency {
-            let result = sqlx::query(
-                "DELETE FROM weir_idempotency WHERE scope = $1 AND applied_at < now() - make_interval(secs => $2)",
-            )
-            .bind(&idempotency.scope)
-            .bind(idempotency.window.as_secs_f64())
-            .execute(&self.pool)
-            .await;
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "expiring idempotency keys failed; retried later");
-            }
-        }
-    }
-
-    /// Events skipped since the last call: matched by no rule, or already applied.
-    pub fn take_skipped(&mut self) -> usize {
-        std::mem::take(&mut self.skipped)
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-}
-
-impl Transact for PostgresSink {
-    fn projection(&self) -> &Projection {
-        &self.projection
-    }
-
-    /// One transaction: skip already-applied idempotency keys, run the plan, record the keys.
     /// A plan of one statement without idempotency needs no explicit transaction (a
     /// statement is atomic), which saves two round trips per batch.
-    async fn transaction(&self, steps: &[Step<'_>]) -> Result<Applied, SinkError> {
-        let spec = &self.projection.spec;
-        let Some(idempotency) = &self.idempotency else {
+    async fn transaction(
+        &self,
+        spec: &SqlSink,
+        idempotency: Option<&Idempotency>,
+        steps: &[Step<'_>],
+    ) -> Result<Applied, SinkError> {
+        let Some(idempotency) = idempotency else {
             let plan = plan(spec, steps);
             if plan.groups.len() <= 1 {
                 let mut conn = self.pool.acquire().await.map_err(classify)?;
@@ -147,6 +114,10 @@ impl Transact for PostgresSink {
         tx.commit().await.map_err(classify)?;
         Ok(Applied::new(plan.rejected, fresh.duplicates))
     }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
 }
 
 /// Runs a plan's groups in order, one statement each.
@@ -175,12 +146,10 @@ async fn execute(
         let texts = group.rows.iter().map(|row| row[i].as_deref());
         query = match binary_type(*type_) {
             // Integers and booleans travel in binary: PostgreSQL parses nothing.
-            Some("bigint[]") => query.bind(parse_all(name, texts, "an integer", |v| {
-                v.parse::<i64>().ok()
-            })?),
-            Some("integer[]") => query.bind(parse_all(name, texts, "an integer", |v| {
-                v.parse::<i32>().ok()
-            })?),
+            Some("bigint[]") => query.bind(parse_all(name, texts, "an integer", parse_int::<i64>)?),
+            Some("integer[]") => {
+                query.bind(parse_all(name, texts, "an integer", parse_int::<i32>)?)
+            }
             Some(_) => query.bind(parse_all(name, texts, "a boolean", parse_bool)?),
             None => query.bind(texts.collect::<Vec<Option<&str>>>()),
         };
@@ -206,26 +175,15 @@ fn parse_all<'a, T>(
     column: &str,
     values: impl Iterator<Item = Option<&'a str>>,
     what: &str,
-    convert: impl Fn(&str) -> Option<T>,
+    parse: impl Fn(&str) -> Option<T>,
 ) -> Result<Vec<Option<T>>, SinkError> {
     values
-        .map(|value| match value {
-            None => Ok(None),
-            Some(text) => convert(text.trim()).map(Some).ok_or_else(|| SinkError {
-                class: ErrorClass::Permanent,
-                message: format!("column {column:?}: {text:?} is not {what}"),
-            }),
+        .map(|value| {
+            value
+                .map(|text| convert(column, text, what, &parse))
+                .transpose()
         })
         .collect()
-}
-
-/// PostgreSQL's boolean spellings.
-fn parse_bool(text: &str) -> Option<bool> {
-    match text.to_ascii_lowercase().as_str() {
-        "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
-        "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
-        _ => None,
-    }
 }
 
 /// The SQL of one group; `None` when there is nothing to do (an update of key columns only).

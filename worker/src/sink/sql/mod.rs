@@ -1,18 +1,21 @@
-//! What the SQL sinks (PostgreSQL, SQLite) share: choosing each event's action (mode or
-//! projection rules), planning a batch into statements (`plan`), idempotency keys, and
-//! finding the events a database refuses by splitting the batch until each stands alone.
-//! Each database only runs one transaction over planned steps.
+//! The SQL sinks (PostgreSQL, SQLite) are one implementation over a [`Dialect`]: choosing
+//! each event's action (mode or projection rules), planning a batch into statements
+//! (`plan`), idempotency keys, finding the events a database refuses by splitting the batch
+//! until each stands alone, converting values (`values`), and expiring old keys. A dialect
+//! only says how its database runs one transaction over planned steps.
 
 pub mod plan;
+pub mod values;
 
 use std::pin::Pin;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 use weir_crds::{SqlSink, WriteMode};
 
 use self::plan::{Action, Step, rule_action};
-use super::{Rejected, SinkError, WriteInput};
+use super::{Rejected, Sink, SinkError, WriteInput, Written};
 use crate::record::field;
 use crate::retry::ErrorClass;
 use crate::transform::{Expression, context};
@@ -183,43 +186,122 @@ impl Applied {
     }
 }
 
-/// A database that applies planned steps in one transaction; a permanent error refuses
-/// the whole transaction.
-pub trait Transact: Sync {
-    /// The table spec and compiled rules.
-    fn projection(&self) -> &Projection;
+/// How one SQL database runs what the shared code plans.
+pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates Weir's idempotency table when missing.
+    fn create_idempotency_table(&self) -> impl Future<Output = Result<(), SinkError>> + Send;
 
+    /// Forgets the keys of `idempotency`'s scope older than its window.
+    fn expire_keys(
+        &self,
+        idempotency: &Idempotency,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// One transaction: with idempotency, skip the steps whose key was applied within the
+    /// window ([`Idempotency::fresh`]) and record the new keys; run the plan of the rest. A
+    /// permanent error refuses the whole transaction (the caller splits the steps).
     fn transaction<'s>(
         &'s self,
+        spec: &'s SqlSink,
+        idempotency: Option<&'s Idempotency>,
         steps: &'s [Step<'s>],
     ) -> impl Future<Output = Result<Applied, SinkError>> + Send + 's;
+
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// A table in a SQL database: the sink every SQL kind is.
+#[derive(Debug)]
+pub struct SqlTable<D> {
+    projection: Projection,
+    idempotency: Option<Idempotency>,
+    dialect: D,
+    batches: std::sync::atomic::AtomicU64,
+}
+
+impl<D: Dialect> SqlTable<D> {
+    pub fn new(
+        spec: SqlSink,
+        idempotency: Option<Idempotency>,
+        dialect: D,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            projection: Projection::new(spec)?,
+            idempotency,
+            dialect,
+            batches: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Applies `steps` in one transaction.
+    async fn transaction(&self, steps: &[Step<'_>]) -> Result<Applied, SinkError> {
+        self.dialect
+            .transaction(&self.projection.spec, self.idempotency.as_ref(), steps)
+            .await
+    }
+}
+
+impl<D: Dialect> Sink for SqlTable<D> {
+    fn prepare(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            if self.idempotency.is_some() {
+                self.dialect.create_idempotency_table().await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Refuses only the events the database refuses (a constraint violation, a value that
+    /// does not fit its column), so the rest of the batch still lands.
+    fn write<'a>(
+        &'a self,
+        input: &'a [WriteInput<'a>],
+    ) -> BoxFuture<'a, Result<Written, SinkError>> {
+        Box::pin(async move {
+            let written = write(self, input).await?;
+            let batches = 1 + self
+                .batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if batches.is_multiple_of(100)
+                && let Some(idempotency) = &self.idempotency
+                && let Err(e) = self.dialect.expire_keys(idempotency).await
+            {
+                tracing::warn!(error = %e, "expiring idempotency keys failed; retried later");
+            }
+            Ok(written)
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.dialect.close())
+    }
 }
 
 /// Writes a batch: chooses each event's action, applies them, and returns the events
 /// refused and how many were skipped (matched by no rule, or already applied).
-pub async fn write<T: Transact>(
-    db: &T,
+async fn write<D: Dialect>(
+    table: &SqlTable<D>,
     input: &[WriteInput<'_>],
-) -> Result<(Vec<Rejected>, usize), SinkError> {
-    let (steps, mut refused) = db.projection().steps(input);
-    let applied = write_bisecting(db, &steps).await?;
-    let skipped = input.len() - steps.len() - refused.len() + applied.duplicates;
-    refused.extend(applied.rejected);
-    Ok((refused, skipped))
+) -> Result<Written, SinkError> {
+    let (steps, mut rejected) = table.projection.steps(input);
+    let applied = write_bisecting(table, &steps).await?;
+    let skipped = input.len() - steps.len() - rejected.len() + applied.duplicates;
+    rejected.extend(applied.rejected);
+    Ok(Written { rejected, skipped })
 }
 
 /// Applies `steps`; when the database refuses the transaction permanently (a constraint
 /// violation, a value it cannot convert), splits the steps in halves until each refused
 /// event stands alone, so the rest of the batch still lands.
-pub fn write_bisecting<'s, T: Transact>(
-    db: &'s T,
+fn write_bisecting<'s, D: Dialect>(
+    table: &'s SqlTable<D>,
     steps: &'s [Step<'s>],
 ) -> Pin<Box<dyn Future<Output = Result<Applied, SinkError>> + Send + 's>> {
     Box::pin(async move {
         if steps.is_empty() {
             return Ok(Applied::default());
         }
-        match db.transaction(steps).await {
+        match table.transaction(steps).await {
             Ok(applied) => Ok(applied),
             Err(e) if e.class == ErrorClass::Permanent && steps.len() == 1 => Ok(Applied {
                 rejected: vec![Rejected {
@@ -231,8 +313,8 @@ pub fn write_bisecting<'s, T: Transact>(
             }),
             Err(e) if e.class == ErrorClass::Permanent => {
                 let (left, right) = steps.split_at(steps.len() / 2);
-                let mut applied = write_bisecting(db, left).await?;
-                let right = write_bisecting(db, right).await?;
+                let mut applied = write_bisecting(table, left).await?;
+                let right = write_bisecting(table, right).await?;
                 applied.rejected.extend(right.rejected);
                 applied.duplicates += right.duplicates;
                 Ok(applied)

@@ -10,106 +10,77 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Sqlite, SqliteConnection};
 use weir_crds::{ColumnType, SqlSink};
 
+use super::SinkError;
+use super::redact;
 use super::sql::plan::{Action, Group, Step, plan};
-use super::sql::{Applied, Fresh, Idempotency, Projection, Transact, quote, quote_table};
-use super::{Rejected, SinkError, WriteInput, redact};
+use super::sql::values::{convert, parse_bool, parse_int, parse_uuid};
+use super::sql::{Applied, Dialect, Fresh, Idempotency, SqlTable, quote, quote_table};
 use crate::retry::ErrorClass;
 
-#[derive(Debug)]
-pub struct SqliteSink {
-    projection: Projection,
-    pool: SqlitePool,
+/// Builds the sink for `url` (`sqlite:///abs/path.db`, `sqlite://rel/path.db` or
+/// `sqlite::memory:`); the file is created when missing, on first use.
+pub fn build(
+    spec: &SqlSink,
+    url: &str,
     idempotency: Option<Idempotency>,
-    batches: u64,
-    /// Events skipped (no rule matched, or already applied) since last taken.
-    skipped: usize,
+) -> Result<SqlTable<Sqlite3>, String> {
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(|e| format!("invalid SQLite URL {url:?}: {}", redact(&e.to_string())))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(5));
+    // One connection: SQLite has one writer at a time, and an in-memory database exists
+    // only on the connection that made it.
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with(options);
+    SqlTable::new(spec.clone(), idempotency, Sqlite3 { pool })
 }
 
-impl SqliteSink {
-    /// Builds the sink for `url` (`sqlite:///abs/path.db`, `sqlite://rel/path.db` or
-    /// `sqlite::memory:`); the file is created when missing, on first use.
-    pub fn new(spec: SqlSink, url: &str, idempotency: Option<Idempotency>) -> Result<Self, String> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| format!("invalid SQLite URL {url:?}: {}", redact(&e.to_string())))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(5));
-        // One connection: SQLite has one writer at a time, and an in-memory database
-        // exists only on the connection that made it.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_lazy_with(options);
-        Ok(Self {
-            projection: Projection::new(spec)?,
-            pool,
-            idempotency,
-            batches: 0,
-            skipped: 0,
-        })
-    }
+/// SQLite as a SQL dialect.
+#[derive(Debug)]
+pub struct Sqlite3 {
+    pool: SqlitePool,
+}
 
-    /// Creates Weir's own bookkeeping table when idempotency is on.
-    pub async fn prepare(&self) -> Result<(), SinkError> {
-        if self.idempotency.is_some() {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS weir_idempotency (
-                    scope TEXT NOT NULL,
-                    key TEXT NOT NULL,
-                    applied_at INTEGER NOT NULL,
-                    PRIMARY KEY (scope, key))",
-            )
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
-        }
+impl Dialect for Sqlite3 {
+    async fn create_idempotency_table(&self) -> Result<(), SinkError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS weir_idempotency (
+                scope TEXT NOT NULL,
+                key TEXT NOT NULL,
+                applied_at INTEGER NOT NULL,
+                PRIMARY KEY (scope, key))",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
         Ok(())
     }
 
-    /// Writes the events; returns those refused permanently (a constraint violation, a
-    /// value that does not fit its column), so the rest of the batch still lands.
-    pub async fn write(&mut self, input: &[WriteInput<'_>]) -> Result<Vec<Rejected>, SinkError> {
-        let (refused, skipped) = super::sql::write(&*self, input).await?;
-        self.skipped += skipped;
-        self.batches += 1;
-        if self.batches.is_multiple_of(100)
-            && let Some(idempotency) = &self.idempotency
-        {
-            let result = sqlx::query(
-                "DELETE FROM weir_idempotency WHERE scope = ?1 AND applied_at < unixepoch() - ?2",
-            )
-            .bind(&idempotency.scope)
-            .bind(idempotency.window.as_secs() as i64)
-            .execute(&self.pool)
-            .await;
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "expiring idempotency keys failed; retried later");
-            }
-        }
-        Ok(refused)
+    async fn expire_keys(&self, idempotency: &Idempotency) -> Result<(), SinkError> {
+        sqlx::query(
+            "DELETE FROM weir_idempotency WHERE scope = ?1 AND applied_at < unixepoch() - ?2",
+        )
+        .bind(&idempotency.scope)
+        .bind(idempotency.window.as_secs() as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
     }
 
-    /// Events skipped since the last call: matched by no rule, or already applied.
-    pub fn take_skipped(&mut self) -> usize {
-        std::mem::take(&mut self.skipped)
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-}
-
-impl Transact for SqliteSink {
-    fn projection(&self) -> &Projection {
-        &self.projection
-    }
-
-    async fn transaction(&self, steps: &[Step<'_>]) -> Result<Applied, SinkError> {
-        let spec = &self.projection.spec;
+    async fn transaction(
+        &self,
+        spec: &SqlSink,
+        idempotency: Option<&Idempotency>,
+        steps: &[Step<'_>],
+    ) -> Result<Applied, SinkError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let fresh = match &self.idempotency {
+        let fresh = match idempotency {
             None => Fresh {
                 steps: steps.to_vec(),
                 keys: Vec::new(),
@@ -136,7 +107,7 @@ impl Transact for SqliteSink {
         for group in &plan.groups {
             execute(&mut tx, spec, group).await?;
         }
-        if let (Some(idempotency), false) = (&self.idempotency, fresh.keys.is_empty()) {
+        if let (Some(idempotency), false) = (idempotency, fresh.keys.is_empty()) {
             sqlx::query(
                 "INSERT INTO weir_idempotency (scope, key, applied_at)
                  SELECT ?1, value, unixepoch() FROM json_each(?2) WHERE true
@@ -150,6 +121,10 @@ impl Transact for SqliteSink {
         }
         tx.commit().await.map_err(classify)?;
         Ok(Applied::new(plan.rejected, fresh.duplicates))
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
     }
 }
 
@@ -169,27 +144,17 @@ async fn execute(
             query = match type_ {
                 ColumnType::Integer | ColumnType::Bigint => query.bind(
                     value
-                        .map(|v| parse(name, v, "an integer", |v| v.parse::<i64>().ok()))
+                        .map(|v| convert(name, v, "an integer", parse_int::<i64>))
                         .transpose()?,
                 ),
                 ColumnType::Boolean => query.bind(
                     value
-                        .map(|v| {
-                            parse(name, v, "a boolean", |v| match v {
-                                "true" | "t" | "1" => Some(true),
-                                "false" | "f" | "0" => Some(false),
-                                _ => None,
-                            })
-                        })
+                        .map(|v| convert(name, v, "a boolean", parse_bool))
                         .transpose()?,
                 ),
                 ColumnType::Uuid => query.bind(
                     value
-                        .map(|v| {
-                            parse(name, v, "a UUID", |v| {
-                                is_uuid(v).then(|| v.to_ascii_lowercase())
-                            })
-                        })
+                        .map(|v| convert(name, v, "a UUID", parse_uuid))
                         .transpose()?,
                 ),
                 ColumnType::Text
@@ -201,27 +166,6 @@ async fn execute(
         query.execute(&mut *conn).await.map_err(classify)?;
     }
     Ok(())
-}
-
-/// A value converted for its column, or a permanent error naming the column.
-fn parse<T>(
-    column: &str,
-    value: &str,
-    what: &str,
-    convert: impl Fn(&str) -> Option<T>,
-) -> Result<T, SinkError> {
-    convert(value).ok_or_else(|| SinkError {
-        class: ErrorClass::Permanent,
-        message: format!("column {column:?}: {value:?} is not {what}"),
-    })
-}
-
-fn is_uuid(text: &str) -> bool {
-    text.len() == 36
-        && text.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
 }
 
 /// The SQL of one group for one row, parameters `?1..` in the group's column order;
@@ -340,12 +284,5 @@ mod tests {
             statement(&spec, &group(Action::Update, &columns[..1])),
             None
         );
-    }
-
-    #[test]
-    fn uuids_are_checked() {
-        assert!(is_uuid("0b7d5c8e-4c59-4b1e-9d3e-2f1a6c7b8d90"));
-        assert!(!is_uuid("0b7d5c8e-4c59-4b1e-9d3e-2f1a6c7b8d9"));
-        assert!(!is_uuid("0b7d5c8e04c59-4b1e-9d3e-2f1a6c7b8d90"));
     }
 }
