@@ -52,9 +52,16 @@ pub async fn run(
     );
     let topics = Controller::new(api::<KafkaTopic>(&client, &config), watch.clone());
     let topic_store = topics.store();
-    let pipelines = Controller::new(api::<EventPipeline>(&client, &config), watch.clone())
+    let pipelines = Controller::new(api::<EventPipeline>(&client, &config), watch.clone());
+    let pipeline_store = pipelines.store();
+    let pipelines = pipelines
         .owns(api::<Deployment>(&client, &config), watch.clone())
-        .owns(api::<ConfigMap>(&client, &config), watch.clone());
+        .owns(api::<ConfigMap>(&client, &config), watch.clone())
+        .watches(
+            api::<KafkaConnection>(&client, &config),
+            watch.clone(),
+            pipeline::connection_mapper(pipeline_store, config.default_connection.clone()),
+        );
     let ctx = Arc::new(Context::new(
         client.clone(),
         config,

@@ -10,18 +10,45 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt as _};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use weir_crds::condition::types::READY;
-use weir_crds::{EventPipeline, KafkaTopic};
+use weir_crds::{EventPipeline, KafkaConnection, KafkaTopic};
 
 use crate::conditions;
 use crate::context::{Context, Error};
 use crate::render::{self, CONFIG_HASH_ANNOTATION, Names, render};
 
 pub const KIND: &str = "EventPipeline";
+
+/// The pipelines that use a KafkaConnection (by reference, or as the namespace's default),
+/// so a change to it re-renders them (and a pipeline refused for its connection is
+/// reconsidered).
+pub fn connection_mapper(
+    pipelines: Store<EventPipeline>,
+    default_connection: String,
+) -> impl Fn(KafkaConnection) -> Vec<ObjectRef<EventPipeline>> + Send + Sync + 'static {
+    move |connection| {
+        let namespace = connection.namespace();
+        let name = connection.name_any();
+        pipelines
+            .state()
+            .iter()
+            .filter(|p| {
+                p.namespace() == namespace
+                    && p.spec
+                        .connection_ref
+                        .as_ref()
+                        .map_or(default_connection.as_str(), |r| r.name.as_str())
+                        == name
+            })
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect()
+    }
+}
 
 pub async fn reconcile(pipeline: Arc<EventPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.reconcile(KIND, pipeline.as_ref(), reconcile_inner(&pipeline, &ctx))
@@ -71,6 +98,29 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
             .await?;
         return Ok(Action::requeue(Context::backoff(1)));
     };
+    // The worker of this version connects over plaintext only: a Deployment rendered for
+    // a TLS or SASL connection would only restart, refusing it at start.
+    if connection.spec.tls.is_some() || connection.spec.sasl.is_some() {
+        let message = format!(
+            "KafkaConnection {namespace}/{connection_name} uses TLS or SASL, which this version's worker cannot use yet: reference a plaintext KafkaConnection (spec.connectionRef)"
+        );
+        let was = conditions::reason(&status.conditions, READY).map(str::to_owned);
+        conditions::set(
+            &mut status.conditions,
+            READY,
+            false,
+            "ConnectionNotSupported",
+            message.clone(),
+            generation,
+        );
+        ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+            .await?;
+        if was.as_deref() != Some("ConnectionNotSupported") {
+            ctx.event(pipeline, true, "ConnectionNotSupported", message)
+                .await;
+        }
+        return Ok(Action::await_change());
+    }
     let rendered = match render(pipeline, Some(&connection), &ctx.config) {
         Ok(rendered) => rendered,
         Err(e) => {

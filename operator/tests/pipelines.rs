@@ -222,3 +222,76 @@ async fn a_pipeline_gets_its_objects_then_steady_state_writes_nothing_and_a_chan
     assert!(message.contains("spec.filter"), "{message}");
     operator.stop().await
 }
+
+/// "Accepted means runs": a pipeline the worker of this version could not run is reported
+/// and gets no Deployment — one on a TLS connection (`ConnectionNotSupported`, until the
+/// connection becomes plaintext, which the operator notices by itself), and one asking for
+/// a mode not built yet (`InvalidSpec` naming the field).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_the_worker_cannot_run_gets_a_reason_and_no_deployment() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    let kafka = TestKafka::shared()?;
+    let ns = cluster.namespace("refused").await?;
+    cluster
+        .apply_yaml(
+            &ns,
+            &format!(
+                "apiVersion: weir.dev/v1alpha1\nkind: KafkaConnection\nmetadata: {{name: default}}\nspec:\n  bootstrapServers: [\"{}\"]\n  tls:\n    caCert: {{name: kafka-ca, key: ca.crt}}\n",
+                kafka.bootstrap()
+            ),
+        )
+        .await?;
+    let operator = Operator::start(
+        cluster.operator_client()?,
+        config(&unique_name("lease"), "op-refused"),
+    );
+    cluster
+        .apply_yaml(&ns, &pipeline_yaml(500, "event.total > 0"))
+        .await?;
+    let client = cluster.admin.clone();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let pipelines: Api<EventPipeline> = Api::namespaced(client.clone(), &ns);
+    let reason_of = |wanted: &'static str| {
+        let pipelines = pipelines.clone();
+        move || {
+            let pipelines = pipelines.clone();
+            async move {
+                let status = serde_json::to_value(&pipelines.get("orders").await?.status)?;
+                Ok(ready(Some(&status)).filter(|r| r.1 == wanted))
+            }
+        }
+    };
+    let (status, _, message) = eventually(
+        "ConnectionNotSupported",
+        reason_of("ConnectionNotSupported"),
+    )
+    .await?;
+    assert_eq!(status, "False");
+    assert!(message.contains("TLS or SASL"), "{message}");
+    assert!(deployments.get_opt("orders-worker").await?.is_none());
+
+    // The connection becomes plaintext: the pipeline is reconsidered without a change of
+    // its own, and runs.
+    cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
+    eventually("the worker Deployment", || async {
+        Ok(deployments.get_opt("orders-worker").await?)
+    })
+    .await?;
+
+    // A mode this version cannot run is refused by validate(), with its path.
+    cluster
+        .apply_yaml(
+            &ns,
+            &pipeline_yaml(500, "event.total > 0").replace(
+                "  deadLetter: {topic: orders-dlq}\n",
+                "  deadLetter: {topic: orders-dlq}\n  delivery: ExactlyOnce\n",
+            ),
+        )
+        .await?;
+    let (_, _, message) = eventually("InvalidSpec", reason_of("InvalidSpec")).await?;
+    assert!(
+        message.contains("spec.delivery") && message.contains("not available in this version"),
+        "{message}"
+    );
+    operator.stop().await
+}
