@@ -50,6 +50,32 @@ pub fn connection_mapper(
     }
 }
 
+/// Reports why the pipeline cannot run (`Ready=False` with `reason`, and a Warning Event
+/// when the reason is new) and renders nothing; the next change is awaited.
+async fn refuse(
+    ctx: &Context,
+    pipeline: &EventPipeline,
+    mut status: weir_crds::EventPipelineStatus,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
+    let was = conditions::reason(&status.conditions, READY).map(str::to_owned);
+    conditions::set(
+        &mut status.conditions,
+        READY,
+        false,
+        reason,
+        message.clone(),
+        pipeline.metadata.generation,
+    );
+    ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+        .await?;
+    if was.as_deref() != Some(reason) {
+        ctx.event(pipeline, true, reason, message).await;
+    }
+    Ok(Action::await_change())
+}
+
 pub async fn reconcile(pipeline: Arc<EventPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.reconcile(KIND, pipeline.as_ref(), reconcile_inner(&pipeline, &ctx))
         .await
@@ -64,22 +90,7 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
     status.selector = Some(render::selector_string(&name));
 
     if let Err(problems) = pipeline.spec.validate() {
-        let was = conditions::reason(&status.conditions, READY).map(str::to_owned);
-        conditions::set(
-            &mut status.conditions,
-            READY,
-            false,
-            "InvalidSpec",
-            problems.to_string(),
-            generation,
-        );
-        ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
-            .await?;
-        if was.as_deref() != Some("InvalidSpec") {
-            ctx.event(pipeline, true, "InvalidSpec", problems.to_string())
-                .await;
-        }
-        return Ok(Action::await_change());
+        return refuse(ctx, pipeline, status, "InvalidSpec", problems.to_string()).await;
     }
     let connection_name =
         render::connection_name(pipeline.spec.connection_ref.as_ref(), &ctx.config);
@@ -104,22 +115,7 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
         let message = format!(
             "KafkaConnection {namespace}/{connection_name} uses TLS or SASL, which this version's worker cannot use yet: reference a plaintext KafkaConnection (spec.connectionRef)"
         );
-        let was = conditions::reason(&status.conditions, READY).map(str::to_owned);
-        conditions::set(
-            &mut status.conditions,
-            READY,
-            false,
-            "ConnectionNotSupported",
-            message.clone(),
-            generation,
-        );
-        ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
-            .await?;
-        if was.as_deref() != Some("ConnectionNotSupported") {
-            ctx.event(pipeline, true, "ConnectionNotSupported", message)
-                .await;
-        }
-        return Ok(Action::await_change());
+        return refuse(ctx, pipeline, status, "ConnectionNotSupported", message).await;
     }
     let rendered = match render(pipeline, Some(&connection), &ctx.config) {
         Ok(rendered) => rendered,

@@ -25,12 +25,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use weir_testkit::{KafkaServer, PostgresServer, RedisServer, TestKafka, free_port};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod support;
+use support::{env_usize, peak_rss_mib};
 
 async fn produce(
     kafka: &TestKafka,
@@ -70,22 +66,23 @@ struct Run {
     peak_rss_mib: f64,
 }
 
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 async fn run_worker(
     dir: &Path,
     kafka: &TestKafka,
     pipeline: &Value,
-    group: &str,
     topic: &str,
     events: usize,
     env: &[(&str, &str)],
+    args: &[&str],
 ) -> anyhow::Result<Run> {
+    // The default consumer group, `<namespace>.<name>`.
+    let group = format!(
+        "{}.{}",
+        pipeline["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default(),
+        pipeline["metadata"]["name"].as_str().unwrap_or_default()
+    );
     let file = dir.join(format!("{group}.yaml"));
     std::fs::write(&file, serde_yaml_ng::to_string(pipeline)?)?;
     let log_path = dir.join(format!("{group}.log"));
@@ -97,41 +94,32 @@ async fn run_worker(
         .args(["--bootstrap-servers", kafka.bootstrap()])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .args(["--log-format", "text"])
+        .args(args)
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path)?)
         .spawn()?;
-    let deadline = started + Duration::from_secs(3600);
-    loop {
-        let committed: i64 = kafka
-            .committed_offsets(group, topic)
-            .map(|m| m.values().sum())
-            .unwrap_or(0);
-        if committed >= events as i64 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{committed} of {events} committed"
-        );
-        anyhow::ensure!(
-            child.try_wait()?.is_none(),
-            "worker exited: {}",
-            std::fs::read_to_string(&log_path)?
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_committed(
+        kafka,
+        &group,
+        topic,
+        events,
+        &mut child,
+        &log_path,
+        Duration::from_secs(3600),
+    )
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
-    let peak_rss_mib = peak_rss_mib(child.id()).unwrap_or(f64::NAN);
+    let peak = peak_rss_mib(child.id()).unwrap_or(f64::NAN);
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
     child.wait()?;
     Ok(Run {
         seconds,
-        peak_rss_mib,
+        peak_rss_mib: peak,
     })
 }
 
@@ -196,7 +184,7 @@ async fn bcrypt_part(
             "batch": {"maxRecords": 1000, "maxWait": "200ms"}
         }),
     );
-    let run = run_worker(dir, kafka, &spec, "bench.bcrypt", &topic, n, &[]).await?;
+    let run = run_worker(dir, kafka, &spec, &topic, n, &[], &[]).await?;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
         .fetch_one(&pool)
         .await?;
@@ -212,6 +200,32 @@ async fn bcrypt_part(
         100.0 * worker / raw
     )?;
     anyhow::ensure!(rows == n as i64, "{rows} of {n} rows written");
+    if threads > 1 {
+        // The same work on one transform thread: what the other cores add.
+        let one = n.div_ceil(threads);
+        let topic = kafka.create_topic("bench-bcrypt-one", 6, &[]).await?;
+        produce(kafka, &topic, &records[..one]).await?;
+        sqlx::query("DELETE FROM users").execute(&pool).await?;
+        let mut spec = spec;
+        spec["spec"]["source"]["topics"] = json!([topic]);
+        spec["metadata"]["name"] = json!("bcrypt-one");
+        let run = run_worker(
+            dir,
+            kafka,
+            &spec,
+            &topic,
+            one,
+            &[],
+            &["--transform-threads", "1"],
+        )
+        .await?;
+        let single = one as f64 / run.seconds;
+        writeln!(
+            out,
+            "   weir-worker --transform-threads 1: {single:>9.1} records/s ({one} records): {threads} threads give {:.2}x",
+            worker / single
+        )?;
+    }
     Ok(())
 }
 
@@ -259,16 +273,7 @@ async fn redis_part(
         }),
     );
     let url = redis.url();
-    let run = run_worker(
-        dir,
-        kafka,
-        &spec,
-        "bench.redis",
-        &topic,
-        n,
-        &[("BENCH_REDIS", &url)],
-    )
-    .await?;
+    let run = run_worker(dir, kafka, &spec, &topic, n, &[("BENCH_REDIS", &url)], &[]).await?;
     let keys: i64 = redis::cmd("DBSIZE").query_async(&mut conn).await?;
     let worker = n as f64 / run.seconds;
     writeln!(
@@ -348,13 +353,13 @@ async fn csv_part(
         dir,
         kafka,
         &spec,
-        "bench.user-import",
         &topic,
         n,
         &[
             ("WEIR_SECRET_USERS_DB_URL", &db.url),
             ("WEIR_SECRET_USERS_CACHE_URL", &url),
         ],
+        &[],
     )
     .await?;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM users")

@@ -21,12 +21,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
 use weir_testkit::{KafkaServer, PostgresServer, TestKafka, free_port, unique_name};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod support;
+use support::{env_usize, peak_rss_mib};
 
 /// The event stream: pass v over all keys (in a shuffled order), ten passes.
 fn event(key: usize, version: usize) -> Vec<u8> {
@@ -108,13 +104,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -190,26 +179,16 @@ spec:
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let committed: i64 = kafka
-            .committed_offsets("bench.bench", topic)
-            .map(|m| m.values().sum())
-            .unwrap_or(0);
-        if committed >= events as i64 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "worker did not finish: {committed} of {events}"
-        );
-        anyhow::ensure!(
-            child.try_wait()?.is_none(),
-            "worker exited: {}",
-            std::fs::read_to_string(&log_path)?
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_committed(
+        kafka,
+        "bench.bench",
+        topic,
+        events,
+        &mut child,
+        &log_path,
+        Duration::from_secs(600),
+    )
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     let peak = peak_rss_mib(child.id()).unwrap_or(f64::NAN);
     let cpu = cpu_seconds(child.id()).unwrap_or(f64::NAN);
