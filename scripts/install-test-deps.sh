@@ -4,7 +4,7 @@
 #   - PostgreSQL and Redis (Debian packages)
 #   - the pinned Apache Kafka broker jars (Maven Central, via testkit/kafka/pom.xml) into
 #     the tools directory ($WEIR_TOOLS_DIR, default ~/.cache/weir-tools)
-#   - kube-apiserver and etcd, built with Go from testkit/kube/go.mod into the tools
+#   - kube-apiserver, etcd and kubectl, built with Go from testkit/kube/go.mod into the tools
 #     directory (about 5 minutes the first time; needs Go 1.26)
 #   - Helm's Go SDK behind a Python API (helm-python-sdk, from PyPI) in a virtualenv in the
 #     tools directory, for the chart tests
@@ -54,15 +54,15 @@ else
   touch "$libs/.complete"
 fi
 
-# The Kubernetes API server and etcd (testkit/kube/build.sh skips the build when done).
+# The Kubernetes API server, etcd and kubectl (testkit/kube/build.sh skips the build when done).
 kube_version="$(sed -n 's/^[[:space:]]*k8s\.io\/kubernetes v\([0-9][0-9.]*\).*/\1/p' "$root/testkit/kube/go.mod")"
-if [ -f "$tools/kube-$kube_version/.complete" ]; then
-  say "kube-apiserver $kube_version and etcd: present in $tools/kube-$kube_version/bin"
+if [ -f "$tools/kube-$kube_version/.complete" ] && [ -x "$tools/kube-$kube_version/bin/kubectl" ]; then
+  say "kube-apiserver $kube_version, etcd and kubectl: present in $tools/kube-$kube_version/bin"
 elif ! command -v go >/dev/null; then
   say "no \`go\` on PATH: install Go 1.26 or newer to build kube-apiserver $kube_version"
   exit 1
 else
-  say "building kube-apiserver $kube_version and etcd into $tools/kube-$kube_version/bin (about 5 minutes, once)"
+  say "building kube-apiserver $kube_version, etcd and kubectl into $tools/kube-$kube_version/bin (about 5 minutes, once)"
   WEIR_TOOLS_DIR="$tools" "$root/testkit/kube/build.sh"
 fi
 

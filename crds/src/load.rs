@@ -1,6 +1,7 @@
 //! Reading resources from YAML exactly as users write them for `kubectl apply`, with errors
 //! that name the field: a misspelt or unknown field is an error, as under kubectl's strict
-//! field validation, never silently dropped.
+//! field validation, never silently dropped. Documents of other API groups in the same file
+//! (the Secrets a pipeline reads, a ConfigMap) are skipped: they are Kubernetes' to check.
 
 use std::fmt;
 
@@ -12,6 +13,8 @@ use crate::{EventPipelineSpec, KafkaConnectionSpec, KafkaTopicSpec};
 
 /// The API version of every Weir resource.
 pub const API_VERSION: &str = "weir.dev/v1alpha1";
+/// The API group of every Weir resource.
+pub const API_GROUP: &str = "weir.dev";
 
 /// The metadata fields Weir reads; the rest of metadata is accepted and ignored.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +85,9 @@ impl fmt::Display for LoadError {
     }
 }
 
-/// Reads every document of a multi-document YAML text. Empty documents are skipped.
+/// Reads every Weir document of a multi-document YAML text. Empty documents and documents of
+/// another API group (a Secret, a ConfigMap) are skipped; a document of group `weir.dev`
+/// with an unknown kind or version is an error.
 pub fn from_yaml(text: &str) -> Result<Vec<Resource>, LoadError> {
     let mut resources = Vec::new();
     for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -91,7 +96,7 @@ pub fn from_yaml(text: &str) -> Result<Vec<Resource>, LoadError> {
             document: position,
             problems: single("", format!("not valid YAML: {e}")),
         })?;
-        if value.is_null() {
+        if value.is_null() || of_another_group(&value) {
             continue;
         }
         let resource = from_value(value).map_err(|problems| LoadError {
@@ -114,6 +119,19 @@ pub fn one_from_yaml(text: &str) -> Result<Resource, LoadError> {
             problems: single("", format!("expected exactly one resource, found {n}")),
         }),
     }
+}
+
+/// Whether a document names an apiVersion outside group `weir.dev` (`v1` is the core
+/// group). A document without an apiVersion is not skipped: it is refused as malformed.
+fn of_another_group(value: &serde_yaml_ng::Value) -> bool {
+    let Some(api_version) = value.get("apiVersion").and_then(|v| v.as_str()) else {
+        return false;
+    };
+    let group = api_version
+        .rsplit_once('/')
+        .map(|(group, _)| group)
+        .unwrap_or_default();
+    !api_version.is_empty() && group != API_GROUP
 }
 
 /// Reads one parsed document, dispatching on `kind`.
@@ -215,4 +233,50 @@ fn single(path: &str, message: String) -> Problems {
         path.to_owned()
     };
     Problems(vec![FieldError { path, message }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPIC: &str = "apiVersion: weir.dev/v1alpha1\nkind: KafkaTopic\nmetadata: {name: orders}\nspec: {partitions: 3}\n";
+
+    #[test]
+    fn documents_of_other_api_groups_are_skipped() -> Result<(), LoadError> {
+        let text = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: db}}\nstringData: {{url: x}}\n---\n{TOPIC}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\nspec: {{}}\n"
+        );
+        let resources = from_yaml(&text)?;
+        assert_eq!(resources.len(), 1);
+        assert_eq!(resources[0].kind(), "KafkaTopic");
+        assert_eq!(resources[0].name(), "orders");
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_kind_in_the_weir_group_is_still_refused() {
+        let text = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: db}}\n---\n{}",
+            TOPIC.replace("KafkaTopic", "EventPipline")
+        );
+        let Err(error) = from_yaml(&text) else {
+            panic!("a misspelt Weir kind was accepted");
+        };
+        assert_eq!(error.document, 2);
+        assert_eq!(error.problems.0[0].path, "kind");
+        assert!(
+            error.problems.0[0]
+                .message
+                .contains("\"EventPipline\" is not a Weir kind"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_document_without_an_api_version_is_refused() {
+        let Err(error) = from_yaml("kind: KafkaTopic\nmetadata: {name: t}\nspec: {}\n") else {
+            panic!("a document without apiVersion was accepted");
+        };
+        assert_eq!(error.problems.0[0].path, "apiVersion");
+    }
 }

@@ -1,5 +1,9 @@
-//! Every generated file of the repository, computed from the Rust types. `cargo xtask
-//! generate` writes them; the drift test compares them with what is committed.
+//! Every generated file of the repository, computed from the Rust types, values.yaml's
+//! comments and (for deploy/) the chart rendered by Helm's SDK. `cargo xtask generate` writes
+//! them; the drift test compares them with what is committed.
+
+pub mod chart;
+pub mod deploy;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,12 +28,9 @@ pub fn repo_root() -> PathBuf {
 /// Every generated file: path relative to the repository root → content.
 pub fn generated_files() -> anyhow::Result<BTreeMap<PathBuf, String>> {
     let mut files = BTreeMap::new();
-    let mut all_crds = String::from(HEADER);
-    for (i, crd) in weir_crds::crds().into_iter().enumerate() {
-        if i > 0 {
-            all_crds.push_str("---\n");
-        }
-        all_crds.push_str(&to_yaml(&crd)?);
+    let mut crd_values = Vec::new();
+    for crd in weir_crds::crds() {
+        crd_values.push(serde_json::to_value(&crd)?);
         let name = crd.metadata.name.clone().context("CRD without a name")?;
         let plural = crd.spec.names.plural.clone();
         files.insert(
@@ -41,14 +42,23 @@ pub fn generated_files() -> anyhow::Result<BTreeMap<PathBuf, String>> {
             chart_crd(crd)?,
         );
     }
-    // Plain manifests for GitOps: `kubectl apply -k deploy/` (the operator's own objects
-    // join them when the operator lands).
-    files.insert(PathBuf::from("deploy/crds.yaml"), all_crds);
     files.insert(PathBuf::from("docs/functions.md"), functions_doc());
+    let root = repo_root();
+    let values_path = root.join("charts/weir/values.yaml");
+    let values = chart::parse_values(
+        &std::fs::read_to_string(&values_path)
+            .with_context(|| format!("reading {}", values_path.display()))?,
+    )?;
     files.insert(
-        PathBuf::from("deploy/kustomization.yaml"),
-        format!("{HEADER}apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - crds.yaml\n"),
+        PathBuf::from("charts/weir/README.md"),
+        chart::readme(&values),
     );
+    files.insert(
+        PathBuf::from("charts/weir/values.schema.json"),
+        chart::schema(&values)?,
+    );
+    // Plain manifests for GitOps and `kubectl apply -f`, rendered from the chart.
+    files.extend(deploy::files(&root, &crd_values)?);
     Ok(files)
 }
 

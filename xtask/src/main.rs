@@ -13,7 +13,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Regenerate every generated file (CRD YAML, chart CRD templates, docs/functions.md).
+    /// Regenerate every generated file (CRD YAML, chart CRD templates, the chart's README and
+    /// values.schema.json, deploy/, docs/functions.md).
     Generate,
     /// Fail when a committed generated file differs from what the types generate.
     Check,
