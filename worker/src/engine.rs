@@ -99,7 +99,7 @@ impl Engine {
                 name: named.name,
                 sink: named.sink,
             })
-            .collect();
+            .collect::<Vec<SinkSlot>>();
         let dead_letter = config
             .spec
             .dead_letter
@@ -112,11 +112,15 @@ impl Engine {
             max_bytes: batch.max_bytes.max(1) as usize,
             max_wait: batch.max_wait.parse().map_err(EngineError::Setup)?,
         };
+        let decode = transformer.reads_event()
+            || sinks.iter().any(|slot: &SinkSlot| slot.sink.reads_event());
         let shards = Shards::new(
             config.transform_threads,
             config.spec.source.format,
+            decode,
             transformer,
-        );
+        )
+        .map_err(|e| EngineError::Setup(format!("cannot start the transform threads: {e}")))?;
         let gate = Arc::new(tokio::sync::Mutex::new(()));
         let (consumer, revocations) = source::consumer(&config, metrics.clone(), gate.clone())?;
         let consumer = Arc::new(consumer);
@@ -356,7 +360,7 @@ impl Engine {
         self.in_flight = Some(tokio::spawn(
             async move {
                 let result = match prepared.await {
-                    Ok(mut prepared) => {
+                    Ok(Ok(mut prepared)) => {
                         let before = prepared.len();
                         prepared.retain(|p| {
                             !revoked
@@ -371,6 +375,9 @@ impl Engine {
                         }
                         writer.write_batch(prepared).await
                     }
+                    Ok(Err(e)) => Err(EngineError::Setup(format!(
+                        "preparing the batch failed: {e}"
+                    ))),
                     Err(e) => Err(EngineError::Setup(format!(
                         "preparing the batch failed: {e}"
                     ))),

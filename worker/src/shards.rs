@@ -20,81 +20,118 @@ pub struct Prepared {
     pub event: Result<Option<Value>, String>,
 }
 
-/// The pool that prepares batches.
-#[derive(Clone, Debug)]
+/// One shard's records, each with its position in the batch, and where to send them
+/// back prepared.
+type Job = (
+    Vec<(usize, Record)>,
+    tokio::sync::oneshot::Sender<Vec<(usize, Prepared)>>,
+);
+
+/// The pool that prepares batches: `threads` long-lived threads, shard `i` always on
+/// thread `i`. Fixed threads rather than tokio's blocking pool, which starts threads on
+/// demand: each new thread can get an allocator arena of its own that keeps its peak, and
+/// a batch's events would be spread over all of them.
+#[derive(Clone)]
 pub struct Shards {
-    threads: usize,
-    format: PayloadFormat,
-    transformer: Arc<Transformer>,
+    lanes: Arc<Vec<std::sync::mpsc::Sender<Job>>>,
+}
+
+impl std::fmt::Debug for Shards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shards")
+            .field("threads", &self.lanes.len())
+            .finish()
+    }
 }
 
 impl Shards {
-    /// `threads`: how many records are prepared at once; see [`default_threads`].
-    pub fn new(threads: usize, format: PayloadFormat, transformer: Transformer) -> Self {
-        Self {
-            threads: threads.max(1),
-            format,
-            transformer: Arc::new(transformer),
-        }
+    /// Starts `threads` threads (at least one); see [`default_threads`]. They stop when the
+    /// last clone of the pool is dropped.
+    /// `decode`: whether anything reads the decoded event; without, a JSON record is only
+    /// checked to be JSON (an invalid one is still a dead letter) and its event is `null`.
+    pub fn new(
+        threads: usize,
+        format: PayloadFormat,
+        decode: bool,
+        transformer: Transformer,
+    ) -> std::io::Result<Self> {
+        let transformer = Arc::new(transformer);
+        let lanes = (0..threads.max(1))
+            .map(|i| {
+                let (lane, jobs) = std::sync::mpsc::channel::<Job>();
+                let transformer = transformer.clone();
+                std::thread::Builder::new()
+                    .name(format!("weir-transform-{i}"))
+                    .spawn(move || {
+                        for (records, reply) in jobs {
+                            let done = records
+                                .into_iter()
+                                .map(|(index, record)| {
+                                    (index, prepare_one(&transformer, format, decode, record))
+                                })
+                                .collect();
+                            // The batch may have been given up (shutdown): nobody waits.
+                            let _ = reply.send(done);
+                        }
+                    })?;
+                Ok(lane)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            lanes: Arc::new(lanes),
+        })
     }
 
     pub fn threads(&self) -> usize {
-        self.threads
+        self.lanes.len()
     }
 
-    /// Prepares `records` on up to `threads` blocking threads; the results keep the
-    /// records' order.
-    pub async fn prepare(&self, records: Vec<Record>) -> Vec<Prepared> {
-        let shards = self.threads.min(records.len()).max(1);
-        if shards == 1 {
-            let this = self.clone();
-            return match tokio::task::spawn_blocking(move || this.prepare_in_order(records)).await {
-                Ok(prepared) => prepared,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
-        }
+    /// Prepares `records` on the pool's threads; the results keep the records' order.
+    pub async fn prepare(&self, records: Vec<Record>) -> Result<Vec<Prepared>, String> {
         let total = records.len();
-        let handles: Vec<_> = split(records, shards)
-            .into_iter()
-            .map(|shard| {
-                let this = self.clone();
-                tokio::task::spawn_blocking(move || {
-                    shard
-                        .into_iter()
-                        .map(|(index, record)| (index, this.prepare_one(record)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
+        let shards = self.lanes.len().min(total).max(1);
+        let mut waiting = Vec::with_capacity(shards);
+        for (lane, shard) in self.lanes.iter().zip(split(records, shards)) {
+            let (reply, done) = tokio::sync::oneshot::channel();
+            lane.send((shard, reply))
+                .map_err(|_| "a transform thread has stopped".to_owned())?;
+            waiting.push(done);
+        }
         let mut slots: Vec<Option<Prepared>> = (0..total).map(|_| None).collect();
-        for handle in handles {
-            match handle.await {
-                Ok(done) => {
-                    for (index, prepared) in done {
-                        slots[index] = Some(prepared);
-                    }
-                }
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
+        for done in waiting {
+            let done = done
+                .await
+                .map_err(|_| "a transform thread stopped while preparing a batch".to_owned())?;
+            for (index, prepared) in done {
+                slots[index] = Some(prepared);
             }
         }
-        slots.into_iter().flatten().collect()
+        Ok(slots.into_iter().flatten().collect())
     }
+}
 
-    fn prepare_in_order(&self, records: Vec<Record>) -> Vec<Prepared> {
-        records.into_iter().map(|r| self.prepare_one(r)).collect()
-    }
-
-    fn prepare_one(&self, record: Record) -> Prepared {
-        let event = record
-            .decode(self.format)
-            .map_err(|e| format!("decode: {e}"))
-            .and_then(|event| {
-                self.transformer
-                    .apply(&record, event)
-                    .map_err(|e| format!("transform: {e}"))
-            });
-        Prepared { record, event }
-    }
+fn prepare_one(
+    transformer: &Transformer,
+    format: PayloadFormat,
+    decode: bool,
+    record: Record,
+) -> Prepared {
+    let decoded = match (&record.payload, format, decode) {
+        (Some(payload), PayloadFormat::Json, false) => {
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                .map(|_| Value::Null)
+                .map_err(|e| format!("value is not valid JSON: {e}"))
+        }
+        _ => record.decode(format),
+    };
+    let event = decoded
+        .map_err(|e| format!("decode: {e}"))
+        .and_then(|event| {
+            transformer
+                .apply(&record, event)
+                .map_err(|e| format!("transform: {e}"))
+        });
+    Prepared { record, event }
 }
 
 /// The cores this process may use: the CPU quota of its cgroup (a pod's CPU limit) when
@@ -151,8 +188,10 @@ mod tests {
         Shards::new(
             threads,
             PayloadFormat::Json,
+            true,
             Transformer::from_spec(&spec).expect("compiles"),
         )
+        .expect("threads start")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,8 +199,8 @@ mod tests {
         let records: Vec<Record> = (0..500)
             .map(|i| record(&format!("k{}", i % 37), i))
             .collect();
-        let one = shards(1).prepare(records.clone()).await;
-        let eight = shards(8).prepare(records.clone()).await;
+        let one = shards(1).prepare(records.clone()).await.expect("prepared");
+        let eight = shards(8).prepare(records.clone()).await.expect("prepared");
         assert_eq!(eight.len(), 500);
         for (i, (a, b)) in one.iter().zip(&eight).enumerate() {
             assert_eq!(a.record.offset, i as i64);
@@ -198,6 +237,24 @@ mod tests {
                 assert!(previous.is_none_or(|p| p == n), "a key spans two shards");
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_reader_of_the_event_records_are_only_checked_to_be_json() {
+        let pool = Shards::new(2, PayloadFormat::Json, false, Transformer::default())
+            .expect("threads start");
+        let mut bad = record("k", 1);
+        bad.payload = Some(b"{not json".to_vec());
+        let prepared = pool
+            .prepare(vec![record("k", 0), bad])
+            .await
+            .expect("prepared");
+        assert_eq!(prepared[0].event, Ok(Some(Value::Null)));
+        assert!(
+            matches!(&prepared[1].event, Err(e) if e.contains("not valid JSON")),
+            "{:?}",
+            prepared[1].event
+        );
     }
 
     #[test]

@@ -15,6 +15,55 @@ use crate::record::Record;
 pub struct Expression {
     source: String,
     program: cel::Program,
+    variables: Variables,
+}
+
+/// Which of a record's variables expressions read: a context holds only those, so an
+/// expression such as `"user:" + key` does not pay for converting the whole event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Variables(u8);
+
+impl Variables {
+    const NAMES: [&'static str; 7] = [
+        "event",
+        "key",
+        "headers",
+        "topic",
+        "partition",
+        "offset",
+        "timestamp",
+    ];
+
+    /// Every variable.
+    pub const ALL: Variables = Variables(0x7f);
+
+    fn of(program: &cel::Program) -> Self {
+        let references = program.references();
+        let mut bits = 0;
+        for (i, name) in Self::NAMES.iter().enumerate() {
+            if references.has_variable(name) {
+                bits |= 1 << i;
+            }
+        }
+        Variables(bits)
+    }
+
+    /// The variables either reads.
+    pub fn and(self, other: Variables) -> Self {
+        Variables(self.0 | other.0)
+    }
+
+    /// Whether `event` is among them.
+    pub fn reads_event(self) -> bool {
+        self.has("event")
+    }
+
+    fn has(self, name: &str) -> bool {
+        Self::NAMES
+            .iter()
+            .position(|n| *n == name)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
+    }
 }
 
 impl fmt::Debug for Expression {
@@ -32,12 +81,18 @@ impl Expression {
         let program = functions::env().compile(source).map_err(|e| invalid(&e))?;
         Ok(Self {
             source: source.to_owned(),
+            variables: Variables::of(&program),
             program,
         })
     }
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The record variables this expression reads.
+    pub fn variables(&self) -> Variables {
+        self.variables
     }
 
     /// Evaluates to a JSON value.
@@ -68,31 +123,65 @@ impl Expression {
 
 /// The variables an expression sees for one record.
 pub fn context<'a>(record: &Record, event: &Value) -> Result<cel::Context<'a, 'a>, String> {
+    Ok(context_with(record, event, Variables::ALL))
+}
+
+/// The context of [`context`] with only `variables` in it.
+pub fn context_with<'a>(
+    record: &Record,
+    event: &Value,
+    variables: Variables,
+) -> cel::Context<'a, 'a> {
     let mut context = cel::Context::with_env(functions::env());
-    let headers: std::collections::HashMap<String, cel::Value> = record
-        .headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                cel::Value::from(String::from_utf8_lossy(v).into_owned()),
-            )
-        })
-        .collect();
-    context.add_variable_from_value("event", to_cel(event));
-    context.add_variable_from_value(
-        "key",
-        record.key_text().map_or(cel::Value::Null, cel::Value::from),
-    );
-    context.add_variable_from_value("headers", headers);
-    context.add_variable_from_value("topic", record.topic.clone());
-    context.add_variable_from_value("partition", cel::Value::Int(i64::from(record.partition)));
-    context.add_variable_from_value("offset", cel::Value::Int(record.offset));
-    context.add_variable_from_value(
-        "timestamp",
-        record.timestamp.map_or(cel::Value::Null, cel::Value::Int),
-    );
-    Ok(context)
+    fill(&mut context, record, event, variables);
+    context
+}
+
+/// Sets `variables` in `context` for one record, replacing the previous record's: one
+/// context serves a whole batch.
+pub fn fill(
+    context: &mut cel::Context<'_, '_>,
+    record: &Record,
+    event: &Value,
+    variables: Variables,
+) {
+    if variables.has("event") {
+        context.add_variable_from_value("event", to_cel(event));
+    }
+    if variables.has("key") {
+        context.add_variable_from_value(
+            "key",
+            record.key_text().map_or(cel::Value::Null, cel::Value::from),
+        );
+    }
+    if variables.has("headers") {
+        let headers: std::collections::HashMap<String, cel::Value> = record
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    cel::Value::from(String::from_utf8_lossy(v).into_owned()),
+                )
+            })
+            .collect();
+        context.add_variable_from_value("headers", headers);
+    }
+    if variables.has("topic") {
+        context.add_variable_from_value("topic", record.topic.clone());
+    }
+    if variables.has("partition") {
+        context.add_variable_from_value("partition", cel::Value::Int(i64::from(record.partition)));
+    }
+    if variables.has("offset") {
+        context.add_variable_from_value("offset", cel::Value::Int(record.offset));
+    }
+    if variables.has("timestamp") {
+        context.add_variable_from_value(
+            "timestamp",
+            record.timestamp.map_or(cel::Value::Null, cel::Value::Int),
+        );
+    }
 }
 
 /// An event as CEL sees it. JSON integers are CEL `int` (as Kubernetes' CEL reads JSON),
@@ -125,6 +214,7 @@ pub struct Transformer {
     filter: Option<Expression>,
     set: Vec<(String, Expression)>,
     remove: Vec<String>,
+    variables: Variables,
 }
 
 impl Transformer {
@@ -144,11 +234,21 @@ impl Transformer {
             ),
             None => (Vec::new(), Vec::new()),
         };
+        let variables = filter
+            .iter()
+            .chain(set.iter().map(|(_, e)| e))
+            .fold(Variables::default(), |all, e| all.and(e.variables()));
         Ok(Self {
             filter,
             set,
             remove,
+            variables,
         })
+    }
+
+    /// Whether the filter or the transform reads or changes the event.
+    pub fn reads_event(&self) -> bool {
+        self.variables.reads_event() || !self.set.is_empty() || !self.remove.is_empty()
     }
 
     /// Whether there is anything to do (the common case has neither filter nor transform).
@@ -161,7 +261,7 @@ impl Transformer {
         if self.is_identity() {
             return Ok(Some(event));
         }
-        let context = context(record, &event)?;
+        let context = context_with(record, &event, self.variables);
         if let Some(filter) = &self.filter
             && !filter.eval_bool(&context)?
         {
@@ -272,6 +372,19 @@ mod tests {
             "{err}"
         );
         assert!(Expression::compile("event.email.lowerAscii()").is_ok());
+    }
+
+    #[test]
+    fn a_context_holds_only_the_variables_its_expressions_read() {
+        let e = Expression::compile("'user:' + key").expect("compiles");
+        assert!(e.variables().has("key") && !e.variables().has("event"));
+        let context = context_with(&record(), &json!({"big": [1, 2, 3]}), e.variables());
+        assert_eq!(e.eval(&context), Ok(json!("user:u1")));
+        // A variable left out is unknown to the expression, not silently null.
+        let other = Expression::compile("event.big").expect("compiles");
+        assert!(other.eval(&context).is_err());
+        let both = e.variables().and(other.variables());
+        assert!(both.has("key") && both.has("event") && !both.has("headers"));
     }
 
     #[test]

@@ -415,3 +415,53 @@ async fn per_key_order_holds_with_a_slow_transform_on_eight_threads() -> anyhow:
     assert_eq!(last.len(), 23);
     Ok(())
 }
+
+/// A Redis cache of the records as they are (no transform, key from the record key): the
+/// worker never decodes the events into values, writes each record's bytes unchanged, and
+/// still dead-letters a record that is not JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_of_the_records_as_they_are_writes_their_bytes_and_refuses_what_is_not_json()
+-> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    let topic = kafka.create_topic("as-is", 2, &[]).await?;
+    let dead_letter = kafka.create_topic("as-is-dlq", 1, &[]).await?;
+    let redis = RedisServer::start()?;
+    let pipeline = common::pipeline(
+        "as-is",
+        json!({
+            "source": {"topics": [topic]},
+            "sinks": [{"redis": {"urlFrom": {"env": "CACHE_URL"}, "key": "'user:' + key"}}],
+            "deadLetter": {"topic": dead_letter}
+        }),
+    );
+    let mut records: Vec<(String, Vec<u8>)> = (0..100)
+        .map(|i| (format!("u{i}"), format!("{{ \"n\" : {i} }}").into_bytes()))
+        .collect();
+    records.insert(50, ("broken".into(), b"{not json".to_vec()));
+    produce(&kafka, &topic, &records).await?;
+    let dir = tempfile::tempdir()?;
+    let mut worker = Worker::start(
+        dir.path(),
+        &kafka,
+        &pipeline,
+        &[("CACHE_URL", redis.url().as_str())],
+    )?;
+    tokio::task::block_in_place(|| {
+        wait_committed(&kafka, "test.as-is", &topic, 101, Some(&worker))
+    })?;
+    worker.stop()?;
+    let mut conn = redis_connection(&redis).await?;
+    for i in 0..100 {
+        let value: Option<String> = conn.get(format!("user:u{i}")).await?;
+        assert_eq!(value, Some(format!("{{ \"n\" : {i} }}")), "user:u{i}");
+    }
+    let broken: Option<String> = conn.get("user:broken").await?;
+    assert_eq!(broken, None);
+    let letters = tokio::task::block_in_place(|| read_topic(&kafka, &dead_letter, 1))?;
+    assert!(
+        letters[0].1["weir.error.message"].contains("not valid JSON"),
+        "{:?}",
+        letters[0].1
+    );
+    Ok(())
+}

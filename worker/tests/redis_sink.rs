@@ -605,3 +605,33 @@ async fn rediss_child_run_by_the_tls_test() -> anyhow::Result<()> {
     eprintln!("{TLS_CHILD_CHECKED} {expect}");
     Ok(())
 }
+
+#[tokio::test]
+async fn without_a_transform_set_writes_the_records_own_bytes() -> anyhow::Result<()> {
+    let server = start().await?;
+    let mut conn = client(&server.url()).await?;
+    let sink = sink(&server.url(), "key: key")?.with_payload_as_event(true);
+    let payload = br#"{ "id": 7,  "name": "as produced" }"#.to_vec();
+    let record = Record {
+        topic: "users".into(),
+        partition: 0,
+        offset: 0,
+        key: Some(b"u7".to_vec()),
+        payload: Some(payload.clone()),
+        timestamp: None,
+        headers: vec![],
+    };
+    let event: Value = serde_json::from_slice(&payload)?;
+    let input = [WriteInput {
+        index: 0,
+        record: &record,
+        event: &event,
+    }];
+    let written = sink.write(&input).await?;
+    assert!(written.rejected.is_empty(), "{written:?}");
+    assert_eq!(
+        get(&mut conn, "u7").await?.as_deref(),
+        Some(r#"{ "id": 7,  "name": "as produced" }"#)
+    );
+    Ok(())
+}

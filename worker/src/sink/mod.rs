@@ -78,6 +78,13 @@ pub trait Sink: Send + Sync + fmt::Debug {
 
     /// Releases connections; called once, after the last write.
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// Whether writes read the decoded event (`WriteInput::event`). A sink that writes only
+    /// from the record itself (its key, its bytes as they are) says no; when nothing in the
+    /// pipeline reads the event, a record is only checked to be JSON, never decoded.
+    fn reads_event(&self) -> bool {
+        true
+    }
 }
 
 /// A built sink with the name its metrics, logs and dead letters use.
@@ -160,7 +167,15 @@ fn build_with(
                 }
                 SinkSpec { redis: Some(r), .. } => {
                     let url = url("redis", &r.url, &r.url_from, &format!("{at}.redis"))?;
-                    Box::new(redis::RedisSink::new(r.clone(), &url)?)
+                    // Without a transform, a JSON record's value is its event.
+                    let untouched = spec.source.format == weir_crds::PayloadFormat::Json
+                        && spec
+                            .transform
+                            .as_ref()
+                            .is_none_or(|t| t.set.is_empty() && t.remove.is_empty());
+                    Box::new(
+                        redis::RedisSink::new(r.clone(), &url)?.with_payload_as_event(untouched),
+                    )
                 }
                 other => {
                     return Err(format!(

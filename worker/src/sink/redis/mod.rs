@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use super::{Rejected, Sink, SinkError, WriteInput, Written, redact};
 use crate::record::Record;
 use crate::retry::ErrorClass;
-use crate::transform::{Expression, context};
+use crate::transform::{Expression, fill};
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,6 +34,9 @@ pub struct RedisSink {
     /// Expiry in milliseconds, for Set and Hset.
     ttl_ms: Option<u64>,
     transaction: bool,
+    /// The records' values are the events as they were consumed (JSON, no transform): the
+    /// default SET value can be the record's own bytes instead of the event re-encoded.
+    payload_is_event: bool,
     client: Client,
     /// The open connection, dropped after a connection-level failure and made again on the
     /// next use (so a restarted Redis is found again).
@@ -80,6 +83,17 @@ impl Sink for RedisSink {
                 skipped: 0,
             })
         })
+    }
+
+    /// Only when an expression reads it, or a SET writes the event re-encoded.
+    fn reads_event(&self) -> bool {
+        let variables = self
+            .value
+            .iter()
+            .chain(self.fields.iter().map(|(_, e)| e))
+            .fold(self.key.variables(), |all, e| all.and(e.variables()));
+        variables.reads_event()
+            || (self.command == RedisCommand::Set && self.value.is_none() && !self.payload_is_event)
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -149,9 +163,17 @@ impl RedisSink {
             fields,
             ttl_ms,
             transaction: spec.transaction,
+            payload_is_event: false,
             client,
             connection: Mutex::new(None),
         })
+    }
+
+    /// Declares that every record's value is its event as consumed (JSON format, no
+    /// transform), so `Set` without a value expression writes the record's bytes as they are.
+    pub fn with_payload_as_event(mut self, payload_is_event: bool) -> Self {
+        self.payload_is_event = payload_is_event;
+        self
     }
 
     /// Connects and checks that Redis answers PING (and accepts the credentials).
@@ -181,8 +203,16 @@ impl RedisSink {
     async fn write_batch(&self, input: &[WriteInput<'_>]) -> Result<Vec<Rejected>, SinkError> {
         let mut rejected = Vec::new();
         let mut planned = Vec::with_capacity(input.len());
+        // One context for the batch, its variables replaced record by record.
+        let mut context = cel::Context::with_env(crate::functions::env());
+        let variables = self
+            .value
+            .iter()
+            .chain(self.fields.iter().map(|(_, e)| e))
+            .fold(self.key.variables(), |all, e| all.and(e.variables()));
         for item in input {
-            match self.commands(item.record, item.event) {
+            fill(&mut context, item.record, item.event, variables);
+            match self.commands(&context, item.record, item.event) {
                 Ok(commands) => planned.push(Planned {
                     index: item.index,
                     commands,
@@ -198,7 +228,7 @@ impl RedisSink {
         // nothing: those records are rejected and the rest sent again. Each round removes at
         // least one record, so this ends.
         while !planned.is_empty() {
-            let (pipe, owners) = self.pipeline(&planned);
+            let (pipe, owners) = self.pipeline(&mut planned);
             let values = self.send(&pipe).await?;
             let outcome = if self.transaction {
                 transaction_outcome(values, owners.len())
@@ -249,19 +279,24 @@ impl RedisSink {
     }
 
     /// The commands for one record, or why it cannot be written.
-    fn commands(&self, record: &Record, event: &Value) -> Result<Vec<(&'static str, Cmd)>, String> {
-        let context = context(record, event)?;
-        let key = key_text(self.key.eval(&context)?)
+    fn commands(
+        &self,
+        context: &cel::Context<'_, '_>,
+        record: &Record,
+        event: &Value,
+    ) -> Result<Vec<(&'static str, Cmd)>, String> {
+        let key = key_text(self.key.eval(context)?)
             .map_err(|e| format!("key {:?}: {e}", self.key.source()))?;
         let mut commands = Vec::with_capacity(2);
         match self.command {
             RedisCommand::Set => {
-                let value = match &self.value {
-                    Some(expression) => encode(&expression.eval(&context)?),
-                    None => encode(event),
-                };
                 let mut set = redis::cmd("SET");
-                set.arg(&key).arg(value);
+                set.arg(&key);
+                match (&self.value, &record.payload) {
+                    (Some(expression), _) => set.arg(encode(&expression.eval(context)?)),
+                    (None, Some(payload)) if self.payload_is_event => set.arg(payload.as_slice()),
+                    (None, _) => set.arg(encode(event)),
+                };
                 if let Some(ms) = self.ttl_ms {
                     set.arg("PX").arg(ms);
                 }
@@ -271,7 +306,7 @@ impl RedisSink {
                 let mut hset = redis::cmd("HSET");
                 hset.arg(&key);
                 for (field, expression) in &self.fields {
-                    hset.arg(field).arg(encode(&expression.eval(&context)?));
+                    hset.arg(field).arg(encode(&expression.eval(context)?));
                 }
                 commands.push(("HSET", hset));
                 if let Some(ms) = self.ttl_ms {
@@ -292,17 +327,25 @@ impl RedisSink {
     /// One pipeline of every planned command in order, and for each command the position in
     /// `planned` of the record it belongs to and the command's name. MULTI and EXEC are sent
     /// as commands of their own, so that every reply, the queueing ones included, is read here.
-    fn pipeline(&self, planned: &[Planned]) -> (Pipeline, Vec<(usize, &'static str)>) {
+    fn pipeline(&self, planned: &mut [Planned]) -> (Pipeline, Vec<(usize, &'static str)>) {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut owners = Vec::with_capacity(planned.len());
         if self.transaction {
             pipe.cmd("MULTI");
         }
-        for (position, record) in planned.iter().enumerate() {
-            for (name, command) in &record.commands {
-                pipe.add_command(command.clone());
-                owners.push((position, *name));
+        for (position, record) in planned.iter_mut().enumerate() {
+            // Only an aborted transaction sends a record again; otherwise its commands move.
+            if self.transaction {
+                for (name, command) in &record.commands {
+                    pipe.add_command(command.clone());
+                    owners.push((position, *name));
+                }
+            } else {
+                for (name, command) in std::mem::take(&mut record.commands) {
+                    pipe.add_command(command);
+                    owners.push((position, name));
+                }
             }
         }
         if self.transaction {
