@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, skipping whatever is already there, so a second run
 # takes seconds:
-#   - PostgreSQL and Redis (Debian packages)
+#   - PostgreSQL, Redis and MariaDB (Debian packages)
 #   - the pinned Apache Kafka broker jars (Maven Central, via testkit/kafka/pom.xml) into
 #     the tools directory ($WEIR_TOOLS_DIR, default ~/.cache/weir-tools)
 #   - kube-apiserver, etcd and kubectl, built with Go from testkit/kube/go.mod into the tools
 #     directory (about 5 minutes the first time; needs Go 1.26)
+#   - FerretDB (the MongoDB wire protocol, for the MongoDB sink), built with Go from
+#     testkit/ferretdb/go.mod into the tools directory (about a minute the first time)
 #   - Helm's Go SDK behind a Python API (helm-python-sdk, from PyPI) in a virtualenv in the
 #     tools directory, for the chart tests
 #   - cargo-nextest
@@ -26,6 +28,7 @@ as_root() {
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v mariadb-install-db >/dev/null || missing+=(mariadb-server)
 command -v java >/dev/null || missing+=(default-jdk-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v openssl >/dev/null || missing+=(openssl)
@@ -36,7 +39,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root apt-get update -qq
   as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  say "postgresql, redis-server, java, mvn, openssl, python3-venv: present"
+  say "postgresql, redis-server, mariadb-server, java, mvn, openssl, python3-venv: present"
 fi
 
 # The Kafka broker's jars.
@@ -64,6 +67,18 @@ elif ! command -v go >/dev/null; then
 else
   say "building kube-apiserver $kube_version, etcd and kubectl into $tools/kube-$kube_version/bin (about 5 minutes, once)"
   WEIR_TOOLS_DIR="$tools" "$root/testkit/kube/build.sh"
+fi
+
+# FerretDB (testkit/ferretdb/build.sh skips the build when done).
+ferretdb_version="$(sed -n 's/^require github\.com\/FerretDB\/FerretDB v\([0-9][0-9.]*\)$/\1/p' "$root/testkit/ferretdb/go.mod")"
+if [ -x "$tools/ferretdb-$ferretdb_version/bin/ferretdb" ]; then
+  say "ferretdb $ferretdb_version: present in $tools/ferretdb-$ferretdb_version/bin"
+elif ! command -v go >/dev/null; then
+  say "no \`go\` on PATH: install Go 1.26 or newer to build FerretDB $ferretdb_version"
+  exit 1
+else
+  say "building ferretdb $ferretdb_version into $tools/ferretdb-$ferretdb_version/bin (about a minute, once)"
+  WEIR_TOOLS_DIR="$tools" "$root/testkit/ferretdb/build.sh"
 fi
 
 # Helm (its Go SDK as a Python wheel: no helm binary is published on a reachable registry).

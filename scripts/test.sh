@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what is missing, checks formatting, lints,
 # the generated-file drift, then runs every test with cargo-nextest against real servers
-# (one Kafka broker and one PostgreSQL server shared by the run; Redis per test).
+# (one Kafka broker and one PostgreSQL, MariaDB and FerretDB server shared by the run; Redis
+# per test).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +25,7 @@ step "building tests"
 cargo nextest run --workspace --locked --no-run
 cargo build --locked -p weir-testkit --bin weir-test-services
 
-step "starting the shared Kafka broker and PostgreSQL server"
+step "starting the shared Kafka broker, PostgreSQL, MariaDB and FerretDB servers"
 services_dir="$(mktemp -d)"
 env_file="$services_dir/services.env"
 # The services live while fd 3 is open: when this script exits, however it exits, their
@@ -53,7 +54,7 @@ set -a
 # shellcheck disable=SC1090
 . "$env_file"
 set +a
-echo "kafka at $WEIR_TEST_KAFKA_BOOTSTRAP, postgres at $WEIR_TEST_POSTGRES_URL" >&2
+echo "kafka at $WEIR_TEST_KAFKA_BOOTSTRAP, postgres at $WEIR_TEST_POSTGRES_URL, mariadb at $WEIR_TEST_MYSQL_URL, ferretdb at $WEIR_TEST_MONGODB_URL" >&2
 
 step "cargo nextest run"
 profile=default

@@ -58,11 +58,11 @@ fn min_replicas_above_max_replicas_is_refused() {
 
 #[test]
 fn unknown_sink_kind_is_refused() {
-    let yaml = PIPELINE.replace("    - postgres:", "    - mongodb: {}\n    - postgres:");
+    let yaml = PIPELINE.replace("    - postgres:", "    - cassandra: {}\n    - postgres:");
     assert_refused(
         &yaml,
-        "spec.sinks[0].mongodb",
-        "unknown sink kind \"mongodb\"",
+        "spec.sinks[0].cassandra",
+        "unknown sink kind \"cassandra\"",
     );
 }
 

@@ -5,6 +5,9 @@
 //!   for fault injection.
 //! - [`postgres`]: a PostgreSQL server (shared, one fresh database per test) or a dedicated
 //!   one a test may stop and start.
+//! - [`mariadb`]: a MariaDB server (shared, one fresh database per test) for the MySQL sink.
+//! - [`ferretdb`]: a FerretDB server, the MongoDB wire protocol on SQLite built from Go
+//!   modules, for the MongoDB sink; shared by a run, one database name per test.
 //! - [`redis`]: a Redis server per test.
 //! - [`kube`]: a real Kubernetes API server (kube-apiserver on etcd, built from Go modules)
 //!   for the operator: CRD schemas and CEL rules, server-side apply, RBAC.
@@ -16,8 +19,10 @@
 //! nothing outlives a run. A part that cannot start fails the test with a message naming
 //! the part and why: nothing is skipped silently.
 
+pub mod ferretdb;
 pub mod kafka;
 pub mod kube;
+pub mod mariadb;
 pub mod postgres;
 mod process;
 pub mod redis;
@@ -27,7 +32,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use self::kube::{Identity, KubeApiServer};
+pub use ferretdb::FerretDbServer;
 pub use kafka::{KafkaServer, TestKafka};
+pub use mariadb::{MariaDbServer, TestMySqlDatabase};
 pub use postgres::{PostgresServer, TestDatabase};
 pub use redis::RedisServer;
 
@@ -37,6 +44,10 @@ pub mod env {
     pub const KAFKA_BOOTSTRAP: &str = "WEIR_TEST_KAFKA_BOOTSTRAP";
     /// URL of the shared PostgreSQL server's `postgres` database (superuser, trust auth).
     pub const POSTGRES_URL: &str = "WEIR_TEST_POSTGRES_URL";
+    /// URL of the shared MariaDB server's `mysql` database (root, no password).
+    pub const MYSQL_URL: &str = "WEIR_TEST_MYSQL_URL";
+    /// URL of the shared FerretDB server (no authentication).
+    pub const MONGODB_URL: &str = "WEIR_TEST_MONGODB_URL";
     /// Where installed tools live (Kafka jars, kube-apiserver and etcd); see
     /// scripts/install-test-deps.sh.
     pub const TOOLS_DIR: &str = "WEIR_TOOLS_DIR";
@@ -63,7 +74,7 @@ pub enum HarnessError {
     },
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("postgres: {0}")]
+    #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),

@@ -1,6 +1,6 @@
 //! Faults a worker must survive without losing or doubling anything: a database outage,
 //! SIGKILL at random moments, workers joining and leaving (cooperative rebalance). The
-//! real binary, the real broker and real PostgreSQL servers.
+//! real binary, the real broker and real PostgreSQL and MariaDB servers.
 
 mod common;
 
@@ -12,7 +12,7 @@ use common::{
     wait_committed_async, wait_until,
 };
 use serde_json::{Value, json};
-use weir_testkit::{PostgresServer, TestDatabase, TestKafka};
+use weir_testkit::{PostgresServer, TestDatabase, TestKafka, TestMySqlDatabase};
 
 async fn kafka() -> anyhow::Result<TestKafka> {
     Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
@@ -211,6 +211,73 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() -> anyhow::Result
         end, TOTAL,
         "the group's committed offsets equal the topic's end"
     );
+    worker.stop()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_sink_survives_sigkill_at_random_moments_without_loss_or_doubles()
+-> anyhow::Result<()> {
+    const TOTAL: i64 = 30_000;
+    let kafka = kafka().await?;
+    let topic = kafka.create_topic("mysql-kill", 4, &[]).await?;
+    let db = TestMySqlDatabase::create().await?;
+    sqlx::query("CREATE TABLE events (id BIGINT PRIMARY KEY)")
+        .execute(&db.pool)
+        .await?;
+    // A second copy of an event violates the primary key and, without a dead-letter topic,
+    // stops the worker; the idempotency keys skip what was applied but not committed.
+    let doc = pipeline(
+        "mysql-kill",
+        json!({
+            "source": {"topics": [&topic]},
+            "sinks": [{"mysql": {"urlFrom": {"env": "DB"}, "table": "events", "columns": [{"name": "id", "type": "bigint"}]}}],
+            "batch": {"maxRecords": 200, "maxWait": "20ms"},
+            "retry": {"initialBackoff": "100ms", "maxBackoff": "1s"},
+            "idempotency": {"key": "event.id", "window": "1h"},
+        }),
+    );
+    let dir = tempfile::tempdir()?;
+    let producer = trickle(&kafka, &topic, 30, Duration::from_millis(60));
+    let start = || {
+        start_with_args(
+            dir.path(),
+            &kafka,
+            &doc,
+            &[("DB", &db.url)],
+            &["--instance-id", "worker-0"],
+        )
+    };
+    let mut rng = fastrand::Rng::with_seed(14);
+    let mut last = 0;
+    for kill in 0..10 {
+        let mut worker = start()?;
+        let (k, t) = (kafka.clone(), topic.clone());
+        let progressed = tokio::task::spawn_blocking(move || {
+            wait_until("progress since the last kill", DEADLINE, || {
+                let committed = committed_total(&k, "test.mysql-kill", &t).unwrap_or(last);
+                Ok((committed > last || committed >= TOTAL).then_some(committed))
+            })
+        })
+        .await?
+        .with_context(|| format!("kill {kill}: {}", worker.log_text()))?;
+        last = progressed;
+        // The fault's moment, at random: mid-batch, mid-commit, or idle.
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..150))).await;
+        worker.signal("KILL")?;
+        worker.wait(DEADLINE)?;
+    }
+    producer.await??;
+
+    let mut worker = start()?;
+    wait_committed_async(&kafka, "test.mysql-kill", &topic, TOTAL)
+        .await
+        .with_context(|| worker.log_text())?;
+    let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(rows, TOTAL, "every event exactly once");
+    assert!(worker.is_running(), "{}", worker.log_text());
     worker.stop()?;
     Ok(())
 }

@@ -114,7 +114,9 @@ fn to_yaml(documents: &[Value]) -> anyhow::Result<String> {
         if i > 0 {
             out.push_str("---\n");
         }
-        out.push_str(&serde_yaml_ng::to_string(document)?);
+        out.push_str(&serde_yaml_ng::to_string(&crate::canonical(
+            document.clone(),
+        ))?);
     }
     Ok(out)
 }

@@ -8,7 +8,7 @@ use super::*;
 use crate::problems::Collector;
 
 /// Sink kinds the worker writes to.
-pub const RUNNABLE_SINKS: &[&str] = &["postgres", "sqlite", "redis"];
+pub const RUNNABLE_SINKS: &[&str] = &["postgres", "mysql", "sqlite", "redis"];
 
 impl EventPipelineSpec {
     pub(super) fn check_capabilities(&self, spec: &mut Collector<'_>) {
@@ -47,11 +47,11 @@ impl EventPipelineSpec {
             && !self
                 .sinks
                 .iter()
-                .any(|s| s.postgres.is_some() || s.sqlite.is_some())
+                .any(|s| s.postgres.is_some() || s.mysql.is_some() || s.sqlite.is_some())
         {
             spec.field_error(
                 "idempotency",
-                "needs a postgres or sqlite sink, which records the applied keys in its own transaction; remove it (Redis SET, HSET and DEL give the same result when repeated)",
+                "needs a postgres, mysql or sqlite sink, which records the applied keys in its own transaction; remove it (Redis SET, HSET and DEL give the same result when repeated)",
             );
         }
         self.check_scaling(&mut spec.at("scaling"));
@@ -123,16 +123,21 @@ mod tests {
         let s = spec(serde_json::json!({"sinks": [
             {"http": {"url": "http://x"}},
             {"kafka": {"topic": "out"}},
-            {"mysql": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}}
+            {"mysql": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}},
+            {"mongodb": {"urlFrom": {"env": "M"}, "database": "d", "collection": "c"}}
         ]}));
         let paths = paths(&s);
         for path in [
             "spec.sinks[0].http",
             "spec.sinks[1].kafka",
-            "spec.sinks[2].mysql",
+            "spec.sinks[3].mongodb",
         ] {
             assert!(paths.contains(&path.to_owned()), "{path} not in {paths:?}");
         }
+        assert!(
+            !paths.iter().any(|p| p.starts_with("spec.sinks[2]")),
+            "mysql runs: {paths:?}"
+        );
     }
 
     #[test]

@@ -9,14 +9,16 @@ use crate::duration::DurationString;
 use crate::reference::{ConnectionRef, SecretSource};
 
 /// The sink kinds, in the order `Sink` lists them.
-pub const SINK_KINDS: &[&str] = &["postgres", "mysql", "sqlite", "redis", "http", "kafka"];
+pub const SINK_KINDS: &[&str] = &[
+    "postgres", "mysql", "sqlite", "redis", "mongodb", "http", "kafka",
+];
 
 /// One destination. Set exactly one kind.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.postgres) ? 1 : 0) + (has(self.mysql) ? 1 : 0) + (has(self.sqlite) ? 1 : 0) + (has(self.redis) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.kafka) ? 1 : 0) == 1",
-    "message": "set exactly one sink kind: postgres, mysql, sqlite, redis, http or kafka"
+    "rule": "(has(self.postgres) ? 1 : 0) + (has(self.mysql) ? 1 : 0) + (has(self.sqlite) ? 1 : 0) + (has(self.redis) ? 1 : 0) + (has(self.mongodb) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.kafka) ? 1 : 0) == 1",
+    "message": "set exactly one sink kind: postgres, mysql, sqlite, redis, mongodb, http or kafka"
 }]))]
 pub struct Sink {
     /// A name for metrics and logs; defaults to the kind and position, e.g. `postgres-0`.
@@ -25,7 +27,7 @@ pub struct Sink {
     /// Write to a PostgreSQL table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<SqlSink>,
-    /// MySQL or MariaDB: not available in this version (refused).
+    /// Write to a MySQL or MariaDB table (`url: mysql://host:3306/app`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql: Option<SqlSink>,
     /// Write to a table in a SQLite database file (`url: sqlite:///data/todos.db`): for
@@ -36,6 +38,9 @@ pub struct Sink {
     /// Write keys to Redis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSink>,
+    /// MongoDB: not available in this version (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mongodb: Option<MongoSink>,
     /// HTTP: not available in this version (refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSink>,
@@ -52,6 +57,7 @@ impl Sink {
             self.mysql.is_some(),
             self.sqlite.is_some(),
             self.redis.is_some(),
+            self.mongodb.is_some(),
             self.http.is_some(),
             self.kafka.is_some(),
         ];
@@ -63,7 +69,7 @@ impl Sink {
     }
 }
 
-/// A table in PostgreSQL or SQLite, written in one transaction per batch.
+/// A table in PostgreSQL, MySQL/MariaDB or SQLite, written in one transaction per batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -71,9 +77,9 @@ impl Sink {
     "message": "set exactly one of url, urlFrom"
 }]))]
 pub struct SqlSink {
-    /// The connection URL when it holds no secret, e.g. `sqlite:///data/todos.db` or
-    /// `postgres://db.example:5432/app` (credentials from the environment or a
-    /// passfile). A URL with a password belongs in `urlFrom`.
+    /// The connection URL when it holds no secret, e.g. `sqlite:///data/todos.db`,
+    /// `mysql://db.example:3306/app` or `postgres://db.example:5432/app` (credentials from
+    /// the environment or a passfile). A URL with a password belongs in `urlFrom`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Where the connection URL with credentials, e.g.
@@ -100,6 +106,23 @@ pub struct SqlSink {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub rules: Vec<ProjectionRule>,
+    /// Stale-write guard for upserts and updates: a row is written only when the event's
+    /// value of this column is greater than the stored one (or the row has none), so a
+    /// replayed or late event never moves a row back to an older version. Events it holds
+    /// back are counted as skipped. Deletes are not guarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Guard>,
+}
+
+/// Which column orders the versions of a row.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Guard {
+    /// A column written by every upsert and update (of type integer, bigint, numeric or
+    /// timestamptz), e.g. `version` or `updated_at`. An event without a value for it is
+    /// refused (dead-lettered).
+    #[schemars(length(min = 1))]
+    pub column: String,
 }
 
 /// How a SQL sink writes a batch.
@@ -221,6 +244,111 @@ pub enum RedisCommand {
     Set,
     Hset,
     Del,
+}
+
+/// MongoDB: not available in this version (a pipeline with a mongodb sink is refused).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.url) != has(self.urlFrom)",
+    "message": "set exactly one of url, urlFrom"
+}]))]
+pub struct MongoSink {
+    /// The connection string when it holds no secret, e.g. `mongodb://db.example:27017`
+    /// (`?tls=true` for TLS). A connection string with a password belongs in `urlFrom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Where the connection string with credentials, e.g.
+    /// `mongodb://user:pass@host:27017/?authSource=admin`, comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_from: Option<SecretSource>,
+    /// The database.
+    #[schemars(length(min = 1))]
+    pub database: String,
+    /// The collection.
+    #[schemars(length(min = 1))]
+    pub collection: String,
+    /// Insert (the default: insert each document), Upsert (insert or overwrite the
+    /// document with the same keyFields), Update (`$set` the document's fields on the
+    /// existing document with the same keyFields), Delete (by keyFields), or Rules (one
+    /// action per event chosen by `rules`).
+    #[serde(default)]
+    pub mode: MongoMode,
+    /// Top-level fields of the document that identify it, matched by Upsert, Update and
+    /// Delete. Defaults to `_id`.
+    #[serde(default = "default_key_fields")]
+    #[schemars(length(min = 1, max = 16))]
+    pub key_fields: Vec<String>,
+    /// How Upsert writes an existing document: Replace (the default: the new document
+    /// replaces it) or Set (`$set` of the new document's fields; other fields stay).
+    #[serde(default)]
+    pub upsert: MongoUpsert,
+    /// Field → CEL expression giving its value: the document written. Defaults to the
+    /// event itself (a JSON object).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 256))]
+    pub document: BTreeMap<String, String>,
+    /// With mode Rules: the first rule whose `when` holds decides the action; an event no
+    /// rule matches is skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub rules: Vec<MongoRule>,
+    /// Stale-write guard for upserts and updates: a document is written only when the
+    /// event's value of this field is greater than the stored one (or the stored document
+    /// has none), so a replayed or late event never moves a document back to an older
+    /// version. Needs keyFields `[_id]`. Events it holds back are counted as skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<MongoGuard>,
+}
+
+fn default_key_fields() -> Vec<String> {
+    vec!["_id".to_owned()]
+}
+
+/// How a MongoDB sink writes a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MongoMode {
+    #[default]
+    Insert,
+    Upsert,
+    Update,
+    Delete,
+    Rules,
+}
+
+/// How an upsert writes over an existing document.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MongoUpsert {
+    #[default]
+    Replace,
+    Set,
+}
+
+/// "When this holds, do that" for a MongoDB sink.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoRule {
+    /// A CEL condition over the event, e.g. `topic == "user-delete-queue"`.
+    #[schemars(length(min = 1))]
+    pub when: String,
+    /// Upsert, Update or Delete, as the modes of the same names.
+    pub action: RuleAction,
+    /// Field → CEL expression: the document this rule writes. Defaults to the sink's
+    /// `document`, else the event.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 256))]
+    pub document: BTreeMap<String, String>,
+}
+
+/// Which field orders the versions of a document.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoGuard {
+    /// A top-level field of the written document holding a number that grows with each
+    /// version, e.g. `version`. An upsert or update whose document has no number there is
+    /// refused (dead-lettered).
+    #[schemars(length(min = 1))]
+    pub field: String,
 }
 
 /// HTTP: not available in this version (a pipeline with an http sink is refused).

@@ -139,6 +139,9 @@ fn validate_sinks(spec_value: &EventPipelineSpec, spec: &mut Collector<'_>) {
         if let Some(redis) = &sink.redis {
             validate_redis(redis, &mut at.at("redis"));
         }
+        if let Some(mongo) = &sink.mongodb {
+            validate_mongodb(mongo, &mut at.at("mongodb"));
+        }
         if let Some(http) = &sink.http {
             validate_http(http, &mut at.at("http"));
         }
@@ -249,6 +252,50 @@ fn validate_sql(sink: &SqlSink, schemes: &[&str], at: &mut Collector<'_>) {
             }
         }
     }
+    if let Some(guard) = &sink.guard {
+        validate_guard(sink, guard, at);
+    }
+}
+
+/// The guard column must be written by every upsert and update, with an ordered type.
+fn validate_guard(sink: &SqlSink, guard: &Guard, at: &mut Collector<'_>) {
+    let mut at = at.at("guard");
+    if sink.key_columns.contains(&guard.column) {
+        at.field_error(
+            "column",
+            format!("{:?} is a key column: guard on a column that changes with each version, such as version or updated_at", guard.column),
+        );
+    }
+    let check = |columns: &[Column], where_: &str, at: &mut Collector<'_>| {
+        match columns
+        .iter()
+        .find(|c| c.name == guard.column)
+    {
+        None => at.field_error(
+            "column",
+            format!("{:?} is not among the columns of {where_}: every upsert and update must write the guard column", guard.column),
+        ),
+        Some(c) if !matches!(c.type_, ColumnType::Integer | ColumnType::Bigint | ColumnType::Numeric | ColumnType::Timestamptz) => at.field_error(
+            "column",
+            format!("{:?} has type {:?} in {where_}: the guard column must be integer, bigint, numeric or timestamptz", guard.column, c.type_),
+        ),
+        Some(_) => {}
+    }
+    };
+    match sink.mode {
+        WriteMode::Insert | WriteMode::Delete => at.error(format!(
+            "a guard applies to upserts and updates: use mode Upsert or Rules, not {:?}",
+            sink.mode
+        )),
+        WriteMode::Upsert => check(&sink.columns, "columns", &mut at),
+        WriteMode::Rules => {
+            for (i, rule) in sink.rules.iter().enumerate() {
+                if rule.action != RuleAction::Delete {
+                    check(&rule.columns, &format!("rules[{i}]"), &mut at);
+                }
+            }
+        }
+    }
 }
 
 fn check_columns(columns: &[Column], field: &str, at: &mut Collector<'_>) {
@@ -285,6 +332,90 @@ fn check_keys_are_columns(
                 field,
                 format!("key column {key:?} is missing: add a column named {key:?} so rows can be matched"),
             );
+        }
+    }
+}
+
+fn validate_mongodb(sink: &MongoSink, at: &mut Collector<'_>) {
+    match (&sink.url, &sink.url_from) {
+        (Some(url), None) => {
+            if !url.starts_with("mongodb://") && !url.starts_with("mongodb+srv://") {
+                at.field_error("url", "must start with mongodb:// or mongodb+srv://");
+            } else if has_password(url) {
+                at.field_error(
+                    "url",
+                    "holds a password: move the URL to urlFrom (a Secret, an environment variable or a file) so it never appears in the resource",
+                );
+            }
+        }
+        (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
+        _ => at.error("set exactly one of url, urlFrom"),
+    }
+    let name_ok = |n: &str| !n.is_empty() && !n.contains(['/', '\\', '.', ' ', '"', '$', '\0']);
+    if !name_ok(&sink.database) {
+        at.field_error(
+            "database",
+            "is not a database name: no / \\ . space \" or $",
+        );
+    }
+    if sink.collection.is_empty()
+        || sink.collection.contains(['$', '\0'])
+        || sink.collection.starts_with("system.")
+    {
+        at.field_error(
+            "collection",
+            "is not a collection name: no $, and not system.*",
+        );
+    }
+    for (i, key) in sink.key_fields.iter().enumerate() {
+        if key.is_empty() || key.starts_with('$') || key.contains('.') {
+            at.index("keyFields", i)
+                .error("a key field is a top-level field name: no $ prefix and no dots");
+        }
+    }
+    for (field, expression) in &sink.document {
+        check_cel(expression, &mut at.key("document", field));
+    }
+    match sink.mode {
+        MongoMode::Rules if sink.rules.is_empty() => at.field_error(
+            "rules",
+            "mode Rules needs at least one rule (when + action)",
+        ),
+        MongoMode::Rules => {}
+        _ if !sink.rules.is_empty() => {
+            at.field_error("rules", "rules are used only with mode: Rules")
+        }
+        _ => {}
+    }
+    for (i, rule) in sink.rules.iter().enumerate() {
+        let mut rule_at = at.index("rules", i);
+        check_cel(&rule.when, &mut rule_at.at("when"));
+        for (field, expression) in &rule.document {
+            check_cel(expression, &mut rule_at.key("document", field));
+        }
+    }
+    if let Some(guard) = &sink.guard {
+        let mut at = at.at("guard");
+        if sink.key_fields != ["_id"] {
+            at.error("a guard needs keyFields [_id]: a held-back upsert is told apart by the duplicate _id it would insert");
+        }
+        if sink.key_fields.contains(&guard.field) {
+            at.field_error(
+                "field",
+                "is a key field: guard on a field that changes with each version, such as version",
+            );
+        }
+        if guard.field.starts_with('$') || guard.field.contains('.') {
+            at.field_error(
+                "field",
+                "is a top-level field name: no $ prefix and no dots",
+            );
+        }
+        if matches!(sink.mode, MongoMode::Insert | MongoMode::Delete) {
+            at.error(format!(
+                "a guard applies to upserts and updates: use mode Upsert, Update or Rules, not {:?}",
+                sink.mode
+            ));
         }
     }
 }

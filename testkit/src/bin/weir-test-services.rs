@@ -1,4 +1,4 @@
-//! Starts the servers one test run shares (Kafka, PostgreSQL), writes their addresses as
+//! Starts the servers one test run shares (Kafka, PostgreSQL, MariaDB, FerretDB), writes their addresses as
 //! `KEY=value` lines to `--env-file`, and keeps them until its standard input closes; then
 //! stops them and deletes their data. scripts/test.sh runs it around `cargo nextest run`.
 
@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use weir_testkit::{KafkaServer, PostgresServer, env};
+use weir_testkit::{FerretDbServer, KafkaServer, MariaDbServer, PostgresServer, env};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -14,10 +14,17 @@ fn main() -> anyhow::Result<()> {
         (Some("--env-file"), Some(path)) => PathBuf::from(path),
         _ => anyhow::bail!("usage: weir-test-services --env-file <path>"),
     };
-    let (kafka, postgres) = std::thread::scope(|scope| {
+    let (kafka, postgres, mariadb, ferretdb) = std::thread::scope(|scope| {
         let kafka = scope.spawn(KafkaServer::start);
         let postgres = scope.spawn(PostgresServer::start);
-        (kafka.join(), postgres.join())
+        let mariadb = scope.spawn(MariaDbServer::start);
+        let ferretdb = scope.spawn(FerretDbServer::start);
+        (
+            kafka.join(),
+            postgres.join(),
+            mariadb.join(),
+            ferretdb.join(),
+        )
     });
     let kafka = kafka
         .map_err(|_| anyhow::anyhow!("the Kafka start panicked"))?
@@ -25,12 +32,22 @@ fn main() -> anyhow::Result<()> {
     let postgres = postgres
         .map_err(|_| anyhow::anyhow!("the PostgreSQL start panicked"))?
         .context("starting PostgreSQL")?;
+    let mariadb = mariadb
+        .map_err(|_| anyhow::anyhow!("the MariaDB start panicked"))?
+        .context("starting MariaDB")?;
+    let ferretdb = ferretdb
+        .map_err(|_| anyhow::anyhow!("the FerretDB start panicked"))?
+        .context("starting FerretDB")?;
     let lines = format!(
-        "{}={}\n{}={}\n",
+        "{}={}\n{}={}\n{}={}\n{}={}\n",
         env::KAFKA_BOOTSTRAP,
         kafka.bootstrap(),
         env::POSTGRES_URL,
-        postgres.url("postgres")
+        postgres.url("postgres"),
+        env::MYSQL_URL,
+        mariadb.url("mysql"),
+        env::MONGODB_URL,
+        ferretdb.url()
     );
     let partial = env_file.with_extension("partial");
     std::fs::write(&partial, lines).context("writing the env file")?;
@@ -40,5 +57,7 @@ fn main() -> anyhow::Result<()> {
     let _ = std::io::stdin().read_to_end(&mut sink);
     drop(kafka);
     drop(postgres);
+    drop(mariadb);
+    drop(ferretdb);
     Ok(())
 }

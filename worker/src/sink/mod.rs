@@ -3,6 +3,8 @@
 //! classify its errors, close — and its tests. Batching, retries and offset commits are
 //! shared machinery in the engine, which names no sink kind.
 
+pub mod mongodb;
+pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod sql;
@@ -118,7 +120,9 @@ pub fn check(spec: &EventPipelineSpec) -> Result<(), String> {
         Ok(url_given.clone().unwrap_or_else(|| {
             match kind {
                 "postgres" => "postgres://weir-check.invalid/check",
+                "mysql" => "mysql://weir-check.invalid/check",
                 "sqlite" => "sqlite::memory:",
+                "mongodb" => "mongodb://weir-check.invalid/",
                 _ => "redis://weir-check.invalid/",
             }
             .to_owned()
@@ -160,10 +164,22 @@ fn build_with(
                     Box::new(postgres::build(pg, &url, idempotency.clone())?)
                 }
                 SinkSpec {
+                    mysql: Some(my), ..
+                } => {
+                    let url = url("mysql", &my.url, &my.url_from, &format!("{at}.mysql"))?;
+                    Box::new(mysql::build(my, &url, idempotency.clone())?)
+                }
+                SinkSpec {
                     sqlite: Some(lite), ..
                 } => {
                     let url = url("sqlite", &lite.url, &lite.url_from, &format!("{at}.sqlite"))?;
                     Box::new(sqlite::build(lite, &url, idempotency.clone())?)
+                }
+                SinkSpec {
+                    mongodb: Some(m), ..
+                } => {
+                    let url = url("mongodb", &m.url, &m.url_from, &format!("{at}.mongodb"))?;
+                    Box::new(mongodb::MongoDbSink::new(m.clone(), &url)?)
                 }
                 SinkSpec { redis: Some(r), .. } => {
                     let url = url("redis", &r.url, &r.url_from, &format!("{at}.redis"))?;

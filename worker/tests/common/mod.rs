@@ -94,6 +94,16 @@ impl Worker {
             .and_then(|v| v.parse().ok())
     }
 
+    /// The value of one sample on /metrics: `name` with exactly these labels, e.g.
+    /// `weir_batch_records_bucket` and `pipeline="x",le="1000"`.
+    pub fn sample(&self, name: &str, labels: &str) -> Option<f64> {
+        let text = http_get(self.metrics_port, "/metrics")?;
+        let prefix = format!("{name}{{{labels}}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// The sum of `weir_consumer_lag` over partitions.
     pub fn lag(&self) -> i64 {
         http_get(self.metrics_port, "/metrics")

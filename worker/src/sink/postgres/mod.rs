@@ -73,15 +73,16 @@ impl Dialect for Postgres {
     ) -> Result<Applied, SinkError> {
         let Some(idempotency) = idempotency else {
             let plan = plan(spec, steps);
-            if plan.groups.len() <= 1 {
+            let stale = if plan.groups.len() <= 1 {
                 let mut conn = self.pool.acquire().await.map_err(classify)?;
-                execute_all(&mut conn, spec, &plan.groups).await?;
+                execute_all(&mut conn, spec, &plan.groups).await?
             } else {
                 let mut tx = self.pool.begin().await.map_err(classify)?;
-                execute_all(&mut tx, spec, &plan.groups).await?;
+                let stale = execute_all(&mut tx, spec, &plan.groups).await?;
                 tx.commit().await.map_err(classify)?;
-            }
-            return Ok(Applied::new(plan.rejected, 0));
+                stale
+            };
+            return Ok(Applied::new(plan.rejected, plan.stale + stale));
         };
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let keys = idempotency.keys_of(steps);
@@ -98,7 +99,7 @@ impl Dialect for Postgres {
         .map_err(classify)?;
         let fresh = Idempotency::fresh(steps, keys, seen);
         let plan = plan(spec, &fresh.steps);
-        execute_all(&mut tx, spec, &plan.groups).await?;
+        let stale = execute_all(&mut tx, spec, &plan.groups).await?;
         if !fresh.keys.is_empty() {
             sqlx::query(
                 "INSERT INTO weir_idempotency (scope, key)
@@ -112,7 +113,10 @@ impl Dialect for Postgres {
             .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
-        Ok(Applied::new(plan.rejected, fresh.duplicates))
+        Ok(Applied::new(
+            plan.rejected,
+            fresh.duplicates + plan.stale + stale,
+        ))
     }
 
     async fn close(&self) {
@@ -120,26 +124,37 @@ impl Dialect for Postgres {
     }
 }
 
-/// Runs a plan's groups in order, one statement each.
+/// Runs a plan's groups in order, one statement each; returns how many rows the
+/// stale-write guard held back (see [`guarded`]).
 async fn execute_all(
     conn: &mut sqlx::PgConnection,
     spec: &SqlSink,
     groups: &[Group],
-) -> Result<(), SinkError> {
+) -> Result<usize, SinkError> {
+    let mut stale = 0;
     for group in groups {
-        execute(conn, spec, group).await?;
+        let affected = execute(conn, spec, group).await?;
+        if guarded(spec, group) {
+            stale += group.rows.len().saturating_sub(affected as usize);
+        }
     }
-    Ok(())
+    Ok(stale)
 }
 
-/// Runs one group as one statement.
+/// Whether a group's statement carries the stale-write guard: every row it does not
+/// write was held back (or, for an update, had no row to update).
+pub fn guarded(spec: &SqlSink, group: &Group) -> bool {
+    spec.guard.is_some() && matches!(group.action, Action::Upsert | Action::Update)
+}
+
+/// Runs one group as one statement; returns the rows it wrote.
 async fn execute(
     conn: &mut sqlx::PgConnection,
     spec: &SqlSink,
     group: &Group,
-) -> Result<(), SinkError> {
+) -> Result<u64, SinkError> {
     let Some(sql) = statement(spec, group) else {
-        return Ok(());
+        return Ok(0);
     };
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for (i, (name, type_)) in group.columns.iter().enumerate() {
@@ -154,8 +169,7 @@ async fn execute(
             None => query.bind(texts.collect::<Vec<Option<&str>>>()),
         };
     }
-    query.execute(conn).await.map_err(classify)?;
-    Ok(())
+    Ok(query.execute(conn).await.map_err(classify)?.rows_affected())
 }
 
 /// The array type a column is bound as when it is not text: the types whose binary form
@@ -233,6 +247,20 @@ pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
             .collect::<Vec<_>>()
             .join(" AND ")
     };
+    // The stale-write guard: the stored row is older than the event's, or has no version.
+    let guard = |newer: &dyn Fn(usize, ColumnType) -> String| {
+        let column = &spec.guard.as_ref()?.column;
+        let (i, (_, t)) = group
+            .columns
+            .iter()
+            .enumerate()
+            .find(|(_, (n, _))| n == column)?;
+        Some(format!(
+            "(t.{0} IS NULL OR t.{0} < {1})",
+            quote(column),
+            newer(i, *t)
+        ))
+    };
     let mut sql = String::new();
     match group.action {
         Action::Insert => {
@@ -253,7 +281,7 @@ pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
             let keys: Vec<String> = spec.key_columns.iter().map(|k| quote(k)).collect();
             let _ = write!(
                 sql,
-                "INSERT INTO {table} ({}) SELECT {} FROM {unnest} ON CONFLICT ({}) DO ",
+                "INSERT INTO {table} AS t ({}) SELECT {} FROM {unnest} ON CONFLICT ({}) DO ",
                 names(),
                 casts(),
                 keys.join(", ")
@@ -262,6 +290,14 @@ pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
                 sql.push_str("NOTHING");
             } else {
                 let _ = write!(sql, "UPDATE SET {}", updates.join(", "));
+                if let Some(guard) = guard(&|_, _| {
+                    format!(
+                        "EXCLUDED.{}",
+                        quote(spec.guard.as_ref().map_or("", |g| &g.column))
+                    )
+                }) {
+                    let _ = write!(sql, " WHERE {guard}");
+                }
             }
         }
         Action::Update => {
@@ -281,6 +317,9 @@ pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
                 sets.join(", "),
                 key_match()
             );
+            if let Some(guard) = guard(&|i, t| cast(i, t)) {
+                let _ = write!(sql, " AND {guard}");
+            }
         }
         Action::Delete => {
             let _ = write!(
@@ -356,7 +395,30 @@ mod tests {
         assert_eq!(
             sql.as_deref(),
             Some(
-                "INSERT INTO \"app\".\"todos\" (\"id\", \"title\") SELECT u.c0::uuid, u.c1::text FROM UNNEST($1::text[], $2::text[]) AS u(c0, c1) ON CONFLICT (\"id\") DO UPDATE SET \"title\" = EXCLUDED.\"title\""
+                "INSERT INTO \"app\".\"todos\" AS t (\"id\", \"title\") SELECT u.c0::uuid, u.c1::text FROM UNNEST($1::text[], $2::text[]) AS u(c0, c1) ON CONFLICT (\"id\") DO UPDATE SET \"title\" = EXCLUDED.\"title\""
+            )
+        );
+    }
+
+    #[test]
+    fn guarded_upserts_and_updates_write_only_newer_versions() {
+        let spec = SqlSink {
+            guard: Some(weir_crds::Guard {
+                column: "version".into(),
+            }),
+            ..spec()
+        };
+        let columns = [("id", ColumnType::Bigint), ("version", ColumnType::Bigint)];
+        assert_eq!(
+            statement(&spec, &group(Action::Upsert, &columns)).as_deref(),
+            Some(
+                "INSERT INTO \"app\".\"todos\" AS t (\"id\", \"version\") SELECT u.c0, u.c1 FROM UNNEST($1::bigint[], $2::bigint[]) AS u(c0, c1) ON CONFLICT (\"id\") DO UPDATE SET \"version\" = EXCLUDED.\"version\" WHERE (t.\"version\" IS NULL OR t.\"version\" < EXCLUDED.\"version\")"
+            )
+        );
+        assert_eq!(
+            statement(&spec, &group(Action::Update, &columns)).as_deref(),
+            Some(
+                "UPDATE \"app\".\"todos\" AS t SET \"version\" = u.c1 FROM UNNEST($1::bigint[], $2::bigint[]) AS u(c0, c1) WHERE t.\"id\" = u.c0 AND (t.\"version\" IS NULL OR t.\"version\" < u.c1)"
             )
         );
     }

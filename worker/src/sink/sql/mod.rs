@@ -1,4 +1,4 @@
-//! The SQL sinks (PostgreSQL, SQLite) are one implementation over a [`Dialect`]: choosing
+//! The SQL sinks (PostgreSQL, MySQL, SQLite) are one implementation over a [`Dialect`]: choosing
 //! each event's action (mode or projection rules), planning a batch into statements
 //! (`plan`), idempotency keys, finding the events a database refuses by splitting the batch
 //! until each stands alone, converting values (`values`), and expiring old keys. A dialect
@@ -18,7 +18,7 @@ use self::plan::{Action, Step, rule_action};
 use super::{Rejected, Sink, SinkError, WriteInput, Written};
 use crate::record::field;
 use crate::retry::ErrorClass;
-use crate::transform::{Expression, context};
+use crate::transform::{Expression, Variables, context_with};
 
 /// Idempotency: skip events whose key was applied within the window.
 #[derive(Clone, Debug)]
@@ -91,6 +91,8 @@ pub struct Fresh<'a> {
 pub struct Projection {
     pub spec: SqlSink,
     rules: Vec<(Expression, Action, usize)>,
+    /// What the rules' conditions read.
+    variables: Variables,
 }
 
 impl Projection {
@@ -107,7 +109,14 @@ impl Projection {
                 ))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Self { spec, rules })
+        let variables = rules.iter().fold(Variables::default(), |all, (e, _, _)| {
+            all.and(e.variables())
+        });
+        Ok(Self {
+            spec,
+            rules,
+            variables,
+        })
     }
 
     /// The steps of a batch, and the events refused before reaching the database (a rule
@@ -136,7 +145,7 @@ impl Projection {
             WriteMode::Upsert => (Action::Upsert, self.spec.columns.as_slice()),
             WriteMode::Delete => (Action::Delete, self.spec.columns.as_slice()),
             WriteMode::Rules => {
-                let ctx = context(item.record, item.event)?;
+                let ctx = context_with(item.record, item.event, self.variables);
                 let mut chosen = None;
                 for (when, action, i) in &self.rules {
                     if when.eval_bool(&ctx)? {
@@ -164,7 +173,8 @@ impl Projection {
 pub struct Applied {
     /// Events refused while planning (a value that cannot be mapped).
     pub rejected: Vec<Rejected>,
-    /// Events skipped because their idempotency key was already applied.
+    /// Events skipped: their idempotency key was already applied, or the stale-write guard
+    /// held them back.
     pub duplicates: usize,
 }
 

@@ -53,6 +53,9 @@ pub struct Plan {
     pub groups: Vec<Group>,
     /// (batch position, reason): a key or value that cannot be mapped.
     pub rejected: Vec<(usize, String)>,
+    /// Upserts and updates the stale-write guard dropped while folding: an earlier event
+    /// of the batch wrote a newer version of the same row.
+    pub stale: usize,
 }
 
 /// Pending effect on one key's row, with the values each column takes.
@@ -107,6 +110,24 @@ pub fn plan<'a>(sink: &'a SqlSink, steps: &[Step<'a>]) -> Plan {
                 step.index,
                 format!("key column {name:?} has no value: field {from} is missing or null"),
             ));
+            continue;
+        }
+        let guard = match guard_value(sink, step.action, &values) {
+            Ok(guard) => guard,
+            Err(reason) => {
+                plan.rejected.push((step.index, reason));
+                continue;
+            }
+        };
+        // Applied in order, the database would hold this one back: the row was upserted
+        // (or, for an update, updated) to a newer version earlier in this batch. An
+        // upsert after an update still runs: the update may have found no row.
+        if let Some(version) = &guard
+            && let Some(last) = folded.get(&key).and_then(|ops| ops.last())
+            && (matches!(last, Op::Upsert(..)) || step.action == Action::Update)
+            && last.guard(sink).is_some_and(|newest| version <= &newest)
+        {
+            plan.stale += 1;
             continue;
         }
         let op = match step.action {
@@ -243,6 +264,74 @@ fn fold<'a>(ops: &mut Vec<Op<'a>>, op: Op<'a>) {
         (Some(prev @ Op::Update(..)), op @ Op::Upsert(..)) => vec![prev, op],
     };
     ops.extend(merged);
+}
+
+impl Op<'_> {
+    /// The guard column's value this operation writes, when the sink has a guard.
+    fn guard(&self, sink: &SqlSink) -> Option<Version> {
+        let column = &sink.guard.as_ref()?.column;
+        match self {
+            Op::Upsert(values, _) | Op::Update(values, _) => {
+                let (type_, text) = values.get(column.as_str())?;
+                Version::parse(*type_, text.as_deref()?)
+            }
+            Op::Delete(_) => None,
+        }
+    }
+}
+
+/// A value of a guard column, ordered as the database orders it.
+#[derive(Clone, Debug, PartialEq, PartialOrd)]
+pub enum Version {
+    Integer(i128),
+    Number(f64),
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+impl Version {
+    /// The version `text` holds for a guard column of `type_`; `None` when it holds none.
+    pub fn parse(type_: ColumnType, text: &str) -> Option<Version> {
+        match type_ {
+            ColumnType::Integer | ColumnType::Bigint => {
+                text.trim().parse().ok().map(Version::Integer)
+            }
+            ColumnType::Numeric => text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite())
+                .map(Version::Number),
+            ColumnType::Timestamptz => super::values::parse_timestamp(text).map(Version::Time),
+            _ => None,
+        }
+    }
+}
+
+/// The guard column's version for an upsert or update; an error when the sink has a guard
+/// and the event carries no usable value for it.
+fn guard_value(
+    sink: &SqlSink,
+    action: Action,
+    values: &Values<'_>,
+) -> Result<Option<Version>, String> {
+    let Some(guard) = &sink.guard else {
+        return Ok(None);
+    };
+    if !matches!(action, Action::Upsert | Action::Update) {
+        return Ok(None);
+    }
+    match values.get(guard.column.as_str()) {
+        Some((type_, Some(text))) => Version::parse(*type_, text).map(Some).ok_or_else(|| {
+            format!(
+                "guard column {:?}: {text:?} is not a {type_:?} version",
+                guard.column
+            )
+        }),
+        _ => Err(format!(
+            "guard column {:?} has no value: the event's field is missing or null",
+            guard.column
+        )),
+    }
 }
 
 fn sources_of(ops: &[Op<'_>]) -> Vec<usize> {

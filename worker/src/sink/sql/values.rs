@@ -31,6 +31,13 @@ pub fn parse_uuid(text: &str) -> Option<String> {
     canonical.then(|| text.to_ascii_lowercase())
 }
 
+/// An RFC 3339 timestamp (`2026-12-01T08:00:00Z`, `2026-12-01 08:00:00.5+01:00`) in UTC.
+pub fn parse_timestamp(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
 /// Converts one value of `column`, or refuses it as `what` (e.g. "an integer").
 pub fn convert<T>(
     column: &str,
@@ -69,6 +76,13 @@ mod tests {
         );
         assert_eq!(parse_uuid("0b7d5c8e-4c59-4b1e-9d3e-2f1a6c7b8d9"), None);
         assert_eq!(parse_uuid("0b7d5c8e04c59-4b1e-9d3e-2f1a6c7b8d90"), None);
+    }
+
+    #[test]
+    fn timestamps_are_read_as_rfc3339_in_utc() {
+        let t = parse_timestamp("2026-12-01 09:30:00.25+01:00").map(|t| t.to_rfc3339());
+        assert_eq!(t.as_deref(), Some("2026-12-01T08:30:00.250+00:00"));
+        assert_eq!(parse_timestamp("yesterday"), None);
     }
 
     #[test]

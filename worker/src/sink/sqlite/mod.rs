@@ -104,8 +104,9 @@ impl Dialect for Sqlite3 {
             }
         };
         let plan = plan(spec, &fresh.steps);
+        let mut stale = plan.stale;
         for group in &plan.groups {
-            execute(&mut tx, spec, group).await?;
+            stale += execute(&mut tx, spec, group).await?;
         }
         if let (Some(idempotency), false) = (idempotency, fresh.keys.is_empty()) {
             sqlx::query(
@@ -120,7 +121,7 @@ impl Dialect for Sqlite3 {
             .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
-        Ok(Applied::new(plan.rejected, fresh.duplicates))
+        Ok(Applied::new(plan.rejected, fresh.duplicates + stale))
     }
 
     async fn close(&self) {
@@ -128,15 +129,18 @@ impl Dialect for Sqlite3 {
     }
 }
 
-/// Runs one group's statement once per row.
+/// Runs one group's statement once per row; returns how many rows the stale-write guard
+/// held back (for an update: or found no row to update).
 async fn execute(
     conn: &mut SqliteConnection,
     spec: &SqlSink,
     group: &Group,
-) -> Result<(), SinkError> {
+) -> Result<usize, SinkError> {
     let Some(sql) = statement(spec, group) else {
-        return Ok(());
+        return Ok(0);
     };
+    let guarded = spec.guard.is_some() && matches!(group.action, Action::Upsert | Action::Update);
+    let mut stale = 0;
     for row in &group.rows {
         let mut query = sqlx::query::<Sqlite>(sqlx::AssertSqlSafe(sql.clone()));
         for ((name, type_), value) in group.columns.iter().zip(row) {
@@ -163,9 +167,12 @@ async fn execute(
                 | ColumnType::Jsonb => query.bind(value.map(str::to_owned)),
             };
         }
-        query.execute(&mut *conn).await.map_err(classify)?;
+        let written = query.execute(&mut *conn).await.map_err(classify)?;
+        if guarded && written.rows_affected() == 0 {
+            stale += 1;
+        }
     }
-    Ok(())
+    Ok(stale)
 }
 
 /// The SQL of one group for one row, parameters `?1..` in the group's column order;
@@ -181,6 +188,21 @@ pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
             .filter(|(_, (n, _))| is_key(n) == keys)
             .map(|(i, (n, _))| format!("{} = ?{}", quote(n), i + 1))
             .collect()
+    };
+    // The stale-write guard: the stored row is older than the event's, or has no version.
+    // `bound`: the event's version is the statement's parameter, else `excluded`'s.
+    let guard = |bound: bool| {
+        let column = &spec.guard.as_ref()?.column;
+        let i = group.columns.iter().position(|(n, _)| n == column)?;
+        let newer = if bound {
+            format!("?{}", i + 1)
+        } else {
+            format!("excluded.{}", quote(column))
+        };
+        Some(format!(
+            "({table}.{0} IS NULL OR {table}.{0} < {newer})",
+            quote(column)
+        ))
     };
     let names: Vec<String> = group.columns.iter().map(|(n, _)| quote(n)).collect();
     let values: Vec<String> = (1..=group.columns.len()).map(|i| format!("?{i}")).collect();
@@ -202,21 +224,29 @@ pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
             Some(if updates.is_empty() {
                 format!("{insert} ON CONFLICT ({}) DO NOTHING", keys.join(", "))
             } else {
-                format!(
+                let mut sql = format!(
                     "{insert} ON CONFLICT ({}) DO UPDATE SET {}",
                     keys.join(", "),
                     updates.join(", ")
-                )
+                );
+                if let Some(guard) = guard(false) {
+                    sql = format!("{sql} WHERE {guard}");
+                }
+                sql
             })
         }
         Action::Update => {
             let sets = params(false);
             (!sets.is_empty()).then(|| {
-                format!(
+                let mut sql = format!(
                     "UPDATE {table} SET {} WHERE {}",
                     sets.join(", "),
                     params(true).join(" AND ")
-                )
+                );
+                if let Some(guard) = guard(true) {
+                    sql = format!("{sql} AND {guard}");
+                }
+                sql
             })
         }
         Action::Delete => Some(format!(
