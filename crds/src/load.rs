@@ -85,6 +85,23 @@ impl fmt::Display for LoadError {
     }
 }
 
+/// `value` with every object's keys in sorted order. serde_json keeps insertion order when
+/// any crate of a build enables its `preserve_order` feature (bson does), so YAML written
+/// from a value — generated files, the worker's rendered pipeline file and its config
+/// hash — would otherwise depend on which packages the build includes.
+pub fn sorted_keys(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let sorted: std::collections::BTreeMap<String, Value> =
+                map.into_iter().map(|(k, v)| (k, sorted_keys(v))).collect();
+            Value::Object(sorted.into_iter().collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted_keys).collect()),
+        other => other,
+    }
+}
+
 /// Reads every Weir document of a multi-document YAML text. Empty documents and documents of
 /// another API group (a Secret, a ConfigMap) are skipped; a document of group `weir.dev`
 /// with an unknown kind or version is an error.

@@ -414,31 +414,15 @@ fn pipeline_file(
             out.push_str("---\n");
         }
         out.push_str(
-            &serde_yaml_ng::to_string(&sorted(document.clone())).map_err(|e| {
-                RenderError::Invalid {
+            &serde_yaml_ng::to_string(&weir_crds::load::sorted_keys(document.clone())).map_err(
+                |e| RenderError::Invalid {
                     field: "spec".into(),
                     message: format!("cannot be written as YAML: {e}"),
-                }
-            })?,
+                },
+            )?,
         );
     }
     Ok(out)
-}
-
-/// `value` with every object's keys in sorted order, so the file (and the config hash that
-/// rolls the pods) is the same whichever serde_json features a build enables (its
-/// `preserve_order` keeps insertion order).
-fn sorted(value: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let keys: BTreeMap<String, Value> =
-                map.into_iter().map(|(k, v)| (k, sorted(v))).collect();
-            Value::Object(keys.into_iter().collect())
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
-        other => other,
-    }
 }
 
 /// The worker's environment: its identity, then every Secret key the pipeline and its

@@ -1,8 +1,6 @@
 //! The chart's generated files: README.md (the values table, from values.yaml's comments)
 //! and values.schema.json (a schema for every value in values.yaml, no more and no less).
 
-use std::collections::BTreeMap;
-
 use anyhow::Context as _;
 use serde_json::{Map, Value, json};
 
@@ -227,7 +225,7 @@ pub fn schema(values: &[ChartValue]) -> anyhow::Result<String> {
     // The default KafkaConnection needs somewhere to connect.
     root["if"] = json!({"properties": {"defaultConnection": {"properties": {"create": {"const": true}}, "required": ["create"]}}, "required": ["defaultConnection"]});
     root["then"] = json!({"properties": {"defaultConnection": {"properties": {"bootstrapServers": {"minItems": 1}}}}});
-    let mut text = serde_json::to_string_pretty(&sorted(root))?;
+    let mut text = serde_json::to_string_pretty(&weir_crds::load::sorted_keys(root))?;
     text.push('\n');
     Ok(text)
 }
@@ -258,21 +256,6 @@ fn closed(mut schema: Value) -> Value {
 
 fn object_schema() -> Value {
     json!({"type": "object", "additionalProperties": false, "properties": {}})
-}
-
-/// Keys in a stable order (serde_json's map is ordered already; this keeps it explicit).
-fn sorted(value: Value) -> Value {
-    match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k, sorted(v)))
-                .collect::<BTreeMap<_, _>>()
-                .into_iter()
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
-        other => other,
-    }
 }
 
 #[cfg(test)]

@@ -114,7 +114,7 @@ fn to_yaml(documents: &[Value]) -> anyhow::Result<String> {
         if i > 0 {
             out.push_str("---\n");
         }
-        out.push_str(&serde_yaml_ng::to_string(&crate::canonical(
+        out.push_str(&serde_yaml_ng::to_string(&weir_crds::load::sorted_keys(
             document.clone(),
         ))?);
     }

@@ -77,29 +77,14 @@ fn chart_crd(mut crd: CustomResourceDefinition) -> anyhow::Result<String> {
 }
 
 fn to_yaml(crd: &CustomResourceDefinition) -> anyhow::Result<String> {
-    let value = canonical(serde_json::to_value(crd).context("serializing a CRD")?);
+    let value =
+        weir_crds::load::sorted_keys(serde_json::to_value(crd).context("serializing a CRD")?);
     let yaml = serde_yaml_ng::to_string(&value).context("serializing a CRD to YAML")?;
     anyhow::ensure!(
         !yaml.contains("{{"),
         "a CRD contains `{{{{`, which Helm would read as a template"
     );
     Ok(yaml)
-}
-
-/// `value` with every object's keys in sorted order. serde_json keeps insertion order when
-/// any crate in the build enables its `preserve_order` feature (bson does), so without
-/// this the generated files would depend on which packages a build includes.
-pub fn canonical(value: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let sorted: BTreeMap<String, Value> =
-                map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
-            Value::Object(sorted.into_iter().collect())
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
-        other => other,
-    }
 }
 
 /// docs/functions.md: every function of `weir_crds::cel::FUNCTIONS`, by group.
