@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use super::{Rejected, Sink, SinkError, WriteInput, Written, redact};
 use crate::record::Record;
 use crate::retry::ErrorClass;
-use crate::transform::{Expression, fill};
+use crate::transform::{Expression, Variables, fill};
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +37,8 @@ pub struct RedisSink {
     /// The records' values are the events as they were consumed (JSON, no transform): the
     /// default SET value can be the record's own bytes instead of the event re-encoded.
     payload_is_event: bool,
+    /// What the key, value and field expressions read, together.
+    variables: Variables,
     client: Client,
     /// The open connection, dropped after a connection-level failure and made again on the
     /// next use (so a restarted Redis is found again).
@@ -87,12 +89,7 @@ impl Sink for RedisSink {
 
     /// Only when an expression reads it, or a SET writes the event re-encoded.
     fn reads_event(&self) -> bool {
-        let variables = self
-            .value
-            .iter()
-            .chain(self.fields.iter().map(|(_, e)| e))
-            .fold(self.key.variables(), |all, e| all.and(e.variables()));
-        variables.reads_event()
+        self.variables.reads_event()
             || (self.command == RedisCommand::Set && self.value.is_none() && !self.payload_is_event)
     }
 
@@ -156,6 +153,10 @@ impl RedisSink {
             }
             _ => None,
         };
+        let variables = value
+            .iter()
+            .chain(fields.iter().map(|(_, e)| e))
+            .fold(key.variables(), |all, e| all.and(e.variables()));
         Ok(Self {
             command: spec.command,
             key,
@@ -164,6 +165,7 @@ impl RedisSink {
             ttl_ms,
             transaction: spec.transaction,
             payload_is_event: false,
+            variables,
             client,
             connection: Mutex::new(None),
         })
@@ -205,13 +207,8 @@ impl RedisSink {
         let mut planned = Vec::with_capacity(input.len());
         // One context for the batch, its variables replaced record by record.
         let mut context = cel::Context::with_env(crate::functions::env());
-        let variables = self
-            .value
-            .iter()
-            .chain(self.fields.iter().map(|(_, e)| e))
-            .fold(self.key.variables(), |all, e| all.and(e.variables()));
         for item in input {
-            fill(&mut context, item.record, item.event, variables);
+            fill(&mut context, item.record, item.event, self.variables);
             match self.commands(&context, item.record, item.event) {
                 Ok(commands) => planned.push(Planned {
                     index: item.index,
