@@ -14,36 +14,13 @@ use kube::{Client, Resource};
 use weir_crds::{KafkaConnection, KafkaTopic};
 
 use crate::config::OperatorConfig;
-use crate::kafka::{Admin, AdminError};
+use crate::kafka::Admin;
 use crate::metrics::Metrics;
 
-/// Why a reconcile failed; it is retried with backoff.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("kafka: {0}")]
-    Kafka(#[from] AdminError),
-    #[error("{0}")]
-    Connection(String),
-    #[error("{0}")]
-    Render(#[from] crate::render::RenderError),
-    #[error(
-        "the reconcile did not finish within {0:?} (the API server or the broker stopped answering)"
-    )]
-    Timeout(Duration),
-}
+pub use crate::error::{Category, Error};
 
 /// A client configuration as a sorted list of properties (a cache key).
 type ClientProperties = Vec<(String, String)>;
-
-impl Error {
-    /// A write lost a race (409 Conflict: the object changed since it was read). Not a
-    /// failure: the reconcile runs again at once on fresh data.
-    pub fn is_conflict(&self) -> bool {
-        matches!(self, Error::Kube(kube::Error::Api(status)) if status.code == 409)
-    }
-}
 
 /// State shared by the controllers.
 #[derive(Clone)]
@@ -58,6 +35,9 @@ pub struct Context {
     pub topics: Store<KafkaTopic>,
     /// Failures in a row per object (`kind/namespace/name`), for the retry backoff.
     failures: Arc<Mutex<HashMap<String, u32>>>,
+    /// The category of each object's last failure: a Warning Event is published when it
+    /// is new, not once per retry.
+    last_failure: Arc<Mutex<HashMap<String, Category>>>,
     /// One admin client per distinct set of client properties: a librdkafka client owns
     /// threads and connections, far too much to make per reconcile.
     admins: Arc<Mutex<HashMap<ClientProperties, Admin>>>,
@@ -94,6 +74,7 @@ impl Context {
             connections,
             topics,
             failures: Arc::default(),
+            last_failure: Arc::default(),
             admins: Arc::default(),
         }
     }
@@ -109,7 +90,7 @@ impl Context {
         let mut admins = self
             .admins
             .lock()
-            .map_err(|_| Error::Connection("the admin client cache is poisoned".into()))?;
+            .map_err(|_| Error::Poisoned("admin client cache"))?;
         if let Some(admin) = admins.get(&key) {
             return Ok(admin.clone());
         }
@@ -147,18 +128,41 @@ impl Context {
         let result = tokio::time::timeout(limit, work.instrument(span))
             .await
             .unwrap_or(Err(Error::Timeout(limit)));
+        let category = result.as_ref().err().map(Error::category);
         self.metrics
-            .finished(kind, started.elapsed().as_secs_f64(), result.is_err());
-        if result.is_ok()
-            && let Ok(mut failures) = self.failures.lock()
-        {
-            failures.remove(&key);
+            .finished(kind, started.elapsed().as_secs_f64(), category);
+        match &result {
+            Ok(_) => {
+                if let Ok(mut failures) = self.failures.lock() {
+                    failures.remove(&key);
+                }
+                if let Ok(mut last) = self.last_failure.lock() {
+                    last.remove(&key);
+                }
+            }
+            Err(e) if !e.is_conflict() => {
+                let category = e.category();
+                let new = self
+                    .last_failure
+                    .lock()
+                    .map(|mut last| last.insert(key.clone(), category) != Some(category))
+                    .unwrap_or(true);
+                if new {
+                    // In the background: an API server that stopped answering (the cause of
+                    // a timeout) must not hold up the retry.
+                    self.warn_in_background(object, category.as_str(), e.to_string());
+                }
+            }
+            Err(_) => {}
         }
         result
     }
 
-    /// The error policy: retry after a backoff that doubles with each failure in a row of
-    /// this object (5 s up to 5 min); a lost write race (409) is retried at once instead.
+    /// The error policy: a lost write race (409) is retried at once; a permanent error
+    /// (the spec asks for what cannot be done) waits for the resync period; any other is
+    /// retried after a backoff that doubles with each failure in a row of this object
+    /// (5 s up to 5 min), drawn at random within ±20 % so objects failing together (a
+    /// broker outage) do not retry in lockstep.
     pub fn retry<K: Resource<DynamicType = ()>>(
         &self,
         kind: &'static str,
@@ -178,12 +182,17 @@ impl Context {
                 *n
             })
             .unwrap_or(1);
-        let wait = Self::backoff(failures - 1);
+        let wait = if error.is_permanent() {
+            self.config.resync
+        } else {
+            jitter(Self::backoff(failures - 1), fastrand::f64())
+        };
         tracing::warn!(
             kind,
             namespace = object.meta().namespace.as_deref().unwrap_or_default(),
             name = object.meta().name.as_deref().unwrap_or_default(),
             %error,
+            category = %error.category(),
             failures,
             retry_in = ?wait,
             "reconcile failed"
@@ -261,7 +270,31 @@ impl Context {
         }
     }
 
-    /// How long to wait before retrying after `failures` failures in a row.
+    /// Publishes a Warning Event about `object` without waiting for the API server.
+    pub fn warn_in_background<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        reason: &'static str,
+        note: String,
+    ) {
+        self.metrics.write();
+        let recorder = self.recorder.clone();
+        let reference = object.object_ref(&());
+        tokio::spawn(async move {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: reason.to_owned(),
+                note: Some(note),
+                action: "Reconcile".to_owned(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, reason, "cannot publish an event");
+            }
+        });
+    }
+
+    /// How long to wait before retrying after `failures` failures in a row (before jitter).
     pub fn backoff(failures: u32) -> Duration {
         let seconds = 5u64.saturating_mul(1 << failures.min(6));
         Duration::from_secs(seconds.min(300))
@@ -274,4 +307,28 @@ fn key<K: Resource<DynamicType = ()>>(kind: &str, object: &K) -> String {
         object.meta().namespace.as_deref().unwrap_or_default(),
         object.meta().name.as_deref().unwrap_or_default()
     )
+}
+
+/// `wait` moved by up to ±20 %, `unit` in [0, 1) choosing where; whole milliseconds.
+pub fn jitter(wait: Duration, unit: f64) -> Duration {
+    let factor = 0.8 + 0.4 * unit.clamp(0.0, 1.0);
+    Duration::from_millis((wait.as_millis() as f64 * factor) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_minutes_and_jitter_stays_within_a_fifth() {
+        assert_eq!(Context::backoff(0), Duration::from_secs(5));
+        assert_eq!(Context::backoff(1), Duration::from_secs(10));
+        assert_eq!(Context::backoff(20), Duration::from_secs(300));
+        assert_eq!(jitter(Duration::from_secs(10), 0.0), Duration::from_secs(8));
+        assert_eq!(
+            jitter(Duration::from_secs(10), 0.5),
+            Duration::from_secs(10)
+        );
+        assert!(jitter(Duration::from_secs(10), 0.999) < Duration::from_secs(12));
+    }
 }

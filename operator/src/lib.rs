@@ -1,25 +1,31 @@
 //! Weir's operator: a controller per resource kind (KafkaConnection, KafkaTopic,
 //! EventPipeline) in one binary, leader-elected through a Lease, with Prometheus metrics.
 //!
-//! - [`render`]: pure functions from an EventPipeline to the objects that run it.
+//! - [`controllers`]: one folder per kind in stages (dereference, validate, build, apply,
+//!   status); [`render`] is the pipeline's build stage: pure functions from an
+//!   EventPipeline to the objects that run it.
+//! - [`apply`]: the one server-side-apply helper, and the deletion of orphaned children.
+//! - [`error`]: the reconcile error and its bounded categories.
 //! - [`kafka`]: the Kafka admin operations a KafkaTopic needs, with timeouts.
-//! - [`connection`], [`topic`], [`pipeline`]: the controllers.
+//! - [`connection`]: the KafkaConnection controller.
 //! - [`leader`]: Lease-based leader election.
 //! - [`rbac`]: the one list of API permissions the code uses (the chart's ClusterRole is
 //!   checked against it).
 
+pub mod apply;
 pub mod conditions;
 pub mod config;
 pub mod connection;
 pub mod context;
 pub mod controllers;
+pub mod error;
 pub mod kafka;
 pub mod leader;
 pub mod metrics;
-pub mod pipeline;
 pub mod rbac;
-pub mod render;
-pub mod topic;
+
+/// The pipeline's build stage, by its usual name.
+pub use controllers::pipeline::build as render;
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "weir-operator";

@@ -8,13 +8,16 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
+use crate::error::Category;
+
 /// Reconcile durations are bucketed at these bounds (seconds).
 const BUCKETS: [f64; 9] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
 
 #[derive(Debug, Default)]
 struct PerKind {
     reconciles: u64,
-    errors: u64,
+    /// Failed reconciles per error category.
+    errors: BTreeMap<Category, u64>,
     /// Cumulative bucket counts, then the sum of seconds.
     buckets: [u64; BUCKETS.len()],
     seconds: f64,
@@ -38,13 +41,16 @@ impl Metrics {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A reconcile of `kind` ended after `seconds`, with an error or not.
-    pub fn finished(&self, kind: &'static str, seconds: f64, failed: bool) {
+    /// A reconcile of `kind` ended after `seconds`, failed with an error of `failed`'s
+    /// category or not.
+    pub fn finished(&self, kind: &'static str, seconds: f64, failed: Option<Category>) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Ok(mut kinds) = self.kinds.lock() {
             let entry = kinds.entry(kind).or_default();
             entry.reconciles += 1;
-            entry.errors += u64::from(failed);
+            if let Some(category) = failed {
+                *entry.errors.entry(category).or_default() += 1;
+            }
             entry.seconds += seconds;
             for (bound, count) in BUCKETS.iter().zip(entry.buckets.iter_mut()) {
                 if seconds <= *bound {
@@ -88,7 +94,7 @@ impl Metrics {
         let mut out = String::new();
         let kinds = self.kinds.lock().map(|k| {
             k.iter()
-                .map(|(kind, p)| (*kind, p.reconciles, p.errors, p.buckets, p.seconds))
+                .map(|(kind, p)| (*kind, p.reconciles, p.errors.clone(), p.buckets, p.seconds))
                 .collect::<Vec<_>>()
         });
         let kinds = kinds.unwrap_or_default();
@@ -99,12 +105,14 @@ impl Metrics {
                 "weir_operator_reconciles_total{{kind=\"{kind}\"}} {reconciles}"
             );
         }
-        out.push_str("# HELP weir_operator_reconcile_errors_total Reconciles that failed, per kind.\n# TYPE weir_operator_reconcile_errors_total counter\n");
+        out.push_str("# HELP weir_operator_reconcile_errors_total Reconciles that failed, per kind and error category.\n# TYPE weir_operator_reconcile_errors_total counter\n");
         for (kind, _, errors, ..) in &kinds {
-            let _ = writeln!(
-                out,
-                "weir_operator_reconcile_errors_total{{kind=\"{kind}\"}} {errors}"
-            );
+            for (category, count) in errors {
+                let _ = writeln!(
+                    out,
+                    "weir_operator_reconcile_errors_total{{kind=\"{kind}\",category=\"{category}\"}} {count}"
+                );
+            }
         }
         out.push_str("# HELP weir_operator_reconcile_duration_seconds Time per reconcile, per kind.\n# TYPE weir_operator_reconcile_duration_seconds histogram\n");
         for (kind, reconciles, _, buckets, seconds) in &kinds {
@@ -179,14 +187,14 @@ mod tests {
     fn renders_per_kind_counters_and_histograms() {
         let m = Metrics::default();
         m.started();
-        m.finished("KafkaTopic", 0.02, false);
+        m.finished("KafkaTopic", 0.02, None);
         m.started();
-        m.finished("KafkaTopic", 2.0, true);
+        m.finished("KafkaTopic", 2.0, Some(Category::KafkaUnreachable));
         m.write();
         let text = m.render();
         for line in [
             "weir_operator_reconciles_total{kind=\"KafkaTopic\"} 2",
-            "weir_operator_reconcile_errors_total{kind=\"KafkaTopic\"} 1",
+            "weir_operator_reconcile_errors_total{kind=\"KafkaTopic\",category=\"KafkaUnreachable\"} 1",
             "weir_operator_reconcile_duration_seconds_bucket{kind=\"KafkaTopic\",le=\"0.025\"} 1",
             "weir_operator_reconcile_duration_seconds_bucket{kind=\"KafkaTopic\",le=\"5\"} 2",
             "weir_operator_reconciles_in_flight 0",

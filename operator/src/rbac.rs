@@ -13,7 +13,8 @@ pub struct Rule {
 /// Every permission the controllers need, and why.
 pub const RULES: &[Rule] = &[
     // Watch the three kinds; finalizers on KafkaTopics; dead-letter KafkaTopics applied
-    // for pipelines (server-side apply creates through PATCH, which needs create too).
+    // for pipelines (server-side apply creates through PATCH, which needs create too) and
+    // deleted once the pipeline's spec no longer has one.
     Rule {
         group: "weir.dev",
         resources: &["kafkaconnections", "eventpipelines"],
@@ -22,7 +23,7 @@ pub const RULES: &[Rule] = &[
     Rule {
         group: "weir.dev",
         resources: &["kafkatopics"],
-        verbs: &["get", "list", "watch", "create", "patch"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
     },
     Rule {
         group: "weir.dev",

@@ -55,7 +55,12 @@ async fn only_the_lease_holder_writes_and_the_other_takes_over() -> anyhow::Resu
         0,
         "the follower wrote to the API server"
     );
-    assert_eq!(second.metrics.reconciles(weir_operator::topic::KIND), 0);
+    assert_eq!(
+        second
+            .metrics
+            .reconciles(weir_operator::controllers::topic::KIND),
+        0
+    );
     assert_eq!(holder(&leases, &lease).await?.as_deref(), Some("replica-a"));
 
     // The leader stops (releasing the Lease); the follower leads and reconciles.

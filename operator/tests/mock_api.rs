@@ -58,6 +58,31 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     response
 }
 
+/// The next request that is not an Event, which must arrive within `within`; Events
+/// (a failed reconcile publishes a Warning one, in the background) are answered and their
+/// bodies collected in `events`.
+async fn next_within(
+    handle: &mut ApiHandle,
+    within: Duration,
+    events: &mut Vec<serde_json::Value>,
+) -> anyhow::Result<(
+    Request<Body>,
+    tower_test::mock::SendResponse<Response<Body>>,
+)> {
+    loop {
+        let (request, reply) = tokio::time::timeout(within, handle.next_request())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the client went away"))?;
+        if !request.uri().path().starts_with("/apis/events.k8s.io/") {
+            return Ok((request, reply));
+        }
+        let body = request.into_body().collect_bytes().await?;
+        let body: serde_json::Value = serde_json::from_slice(&body)?;
+        reply.send_response(answer(StatusCode::CREATED, body.clone()));
+        events.push(body);
+    }
+}
+
 /// The next request, which must arrive within five seconds.
 async fn next(
     handle: &mut ApiHandle,
@@ -81,7 +106,7 @@ async fn a_500_in_the_middle_of_an_apply_fails_the_reconcile_and_stops_there() -
                  "sinks": [{"postgres": {"url": "postgres://db/app", "table": "orders", "columns": [{"name": "id", "type": "bigint"}]}}]}
     }))?;
     pipeline.status = None;
-    let reconcile = tokio::spawn(weir_operator::pipeline::reconcile(
+    let reconcile = tokio::spawn(weir_operator::controllers::pipeline::reconcile(
         Arc::new(pipeline.clone()),
         ctx.clone(),
     ));
@@ -118,14 +143,19 @@ async fn a_500_in_the_middle_of_an_apply_fails_the_reconcile_and_stops_there() -
         Err(Error::Kube(kube::Error::Api(status))) => assert_eq!(status.code, 500),
         other => anyhow::bail!("expected the 500 back, got {other:?}"),
     }
-    // Nothing after the failed apply: no Deployment applied on a half-written config.
+    // Nothing after the failed apply but the Warning Event naming the failure's category:
+    // no Deployment applied on a half-written config.
+    let mut events = Vec::new();
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), handle.next_request())
+        next_within(&mut handle, Duration::from_millis(500), &mut events)
             .await
             .is_err(),
         "a request followed the failed apply"
     );
-    let action = weir_operator::pipeline::error_policy(
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "Warning", "{events:?}");
+    assert_eq!(events[0]["reason"], "KubernetesApiError", "{events:?}");
+    let action = weir_operator::controllers::pipeline::error_policy(
         Arc::new(pipeline),
         &Error::Connection("x".into()),
         ctx,
@@ -147,7 +177,10 @@ async fn an_api_server_that_stops_answering_times_the_reconcile_out() -> anyhow:
         "spec": {"source": {"topics": ["orders"]},
                  "sinks": [{"postgres": {"url": "postgres://db/app", "table": "orders", "columns": [{"name": "id", "type": "bigint"}]}}]}
     }))?;
-    let reconcile = tokio::spawn(weir_operator::pipeline::reconcile(Arc::new(pipeline), ctx));
+    let reconcile = tokio::spawn(weir_operator::controllers::pipeline::reconcile(
+        Arc::new(pipeline),
+        ctx,
+    ));
     // The first request is taken and never answered.
     let (request, _never_answered) = next(&mut handle).await?;
     assert_eq!(
@@ -183,12 +216,14 @@ async fn a_broker_too_slow_to_answer_times_the_reconcile_out_and_says_so() -> an
         t.metadata.resource_version = Some("7".into());
         t
     };
-    let reconcile = tokio::spawn(weir_operator::topic::reconcile(Arc::new(topic), ctx));
+    let reconcile = tokio::spawn(weir_operator::controllers::topic::reconcile(
+        Arc::new(topic),
+        ctx,
+    ));
     // The failure is written to status: Ready=False with the timeout in words; the wait is
     // shorter than the broker's 30 s, so only the reconcile's own timeout can answer it.
-    let (request, reply) = tokio::time::timeout(Duration::from_secs(20), handle.next_request())
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no status write"))?;
+    let mut events = Vec::new();
+    let (request, reply) = next_within(&mut handle, Duration::from_secs(20), &mut events).await?;
     assert_eq!(request.method(), Method::PATCH);
     assert_eq!(
         request.uri().path(),
@@ -222,6 +257,18 @@ async fn a_broker_too_slow_to_answer_times_the_reconcile_out_and_says_so() -> an
     ));
     let result = tokio::time::timeout(Duration::from_secs(5), reconcile).await??;
     assert!(matches!(result, Err(Error::Kafka(_))), "{result:?}");
+    assert_eq!(
+        ready["reason"], "KafkaUnreachable",
+        "the failure's category is the reason"
+    );
+    // The Warning Event, with the category as its reason.
+    let _ = next_within(&mut handle, Duration::from_millis(500), &mut events).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "Warning" && e["reason"] == "KafkaUnreachable"),
+        "{events:?}"
+    );
     Ok(())
 }
 
@@ -242,17 +289,19 @@ async fn a_lost_write_race_is_retried_at_once_and_is_not_counted_as_a_failure() 
     let failure = Error::Connection("the broker is down".into());
     use kube::runtime::controller::Action;
     assert_eq!(
-        weir_operator::topic::error_policy(topic.clone(), &conflict, ctx.clone()),
+        weir_operator::controllers::topic::error_policy(topic.clone(), &conflict, ctx.clone()),
         Action::requeue(Duration::from_millis(200))
     );
-    // The conflict did not count: the first real failure waits the first backoff step.
-    assert_eq!(
-        weir_operator::topic::error_policy(topic.clone(), &failure, ctx.clone()),
-        Action::requeue(Duration::from_secs(5))
-    );
-    assert_eq!(
-        weir_operator::topic::error_policy(topic, &failure, ctx),
-        Action::requeue(Duration::from_secs(10))
-    );
+    // The conflict did not count: the first real failure waits the first backoff step
+    // (5 s ± 20 % jitter), the second the next (10 s ± 20 %).
+    // Jittered waits are whole milliseconds.
+    let within = |action: &Action, low: u64, high: u64| {
+        (low..=high).any(|ms| *action == Action::requeue(Duration::from_millis(ms)))
+    };
+    let first =
+        weir_operator::controllers::topic::error_policy(topic.clone(), &failure, ctx.clone());
+    assert!(within(&first, 4_000, 6_000), "{first:?}");
+    let second = weir_operator::controllers::topic::error_policy(topic, &failure, ctx);
+    assert!(within(&second, 8_000, 12_000), "{second:?}");
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! EventPipeline against the real API server, the operator running with the chart's
 //! ClusterRole: the worker's Deployment, ConfigMap, Service, ServiceAccount and
 //! PodDisruptionBudget appear with owner references; further reconciles write nothing (the
-//! resourceVersions stay); a spec change rolls the Deployment; a spec the API server
+//! resourceVersions stay); a spec change rolls the Deployment; the dead-letter KafkaTopic
+//! goes when `deadLetter` leaves the spec; a spec the API server
 //! accepts but the worker would refuse (a CEL expression that does not compile) is reported
 //! as `Ready=False, reason=InvalidSpec` with its field path. No pods run here (no kubelet):
 //! the Deployment is checked as the API server stores it.
@@ -169,12 +170,15 @@ async fn a_pipeline_gets_its_objects_then_steady_state_writes_nothing_and_a_chan
         ]))
     };
     let before = versions().await?;
-    let reconciles = operator.metrics.reconciles(weir_operator::pipeline::KIND);
+    let reconciles = operator
+        .metrics
+        .reconciles(weir_operator::controllers::pipeline::KIND);
     eventually("three more pipeline reconciles", || async {
-        Ok(
-            (operator.metrics.reconciles(weir_operator::pipeline::KIND) >= reconciles + 3)
-                .then_some(()),
-        )
+        Ok((operator
+            .metrics
+            .reconciles(weir_operator::controllers::pipeline::KIND)
+            >= reconciles + 3)
+            .then_some(()))
     })
     .await?;
     let after = versions().await?;
@@ -208,6 +212,31 @@ async fn a_pipeline_gets_its_objects_then_steady_state_writes_nothing_and_a_chan
         .remove("pipeline.yaml")
         .unwrap_or_default();
     assert!(file.contains("maxRecords: 2000"), "{file}");
+
+    // The dead-letter topic leaves the spec: its KafkaTopic, labelled as the pipeline's,
+    // is deleted (the Kafka topic stays: Retain).
+    assert_eq!(
+        dead_letter
+            .labels()
+            .get("weir.dev/pipeline")
+            .map(String::as_str),
+        Some("orders")
+    );
+    cluster
+        .apply_yaml(
+            &ns,
+            &pipeline_yaml(2000, "event.total > 0")
+                .replace("  deadLetter: {topic: orders-dlq}\n", ""),
+        )
+        .await?;
+    eventually("the dead-letter KafkaTopic deleted", || async {
+        Ok(topics
+            .get_opt("orders-dead-letter")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
 
     // A filter that does not compile: the API server cannot know, the operator reports it.
     cluster
@@ -283,14 +312,15 @@ async fn a_pipeline_the_worker_cannot_run_gets_a_reason_and_no_deployment() -> a
         .apply_yaml(
             &ns,
             &pipeline_yaml(500, "event.total > 0").replace(
-                "  deadLetter: {topic: orders-dlq}\n",
-                "  deadLetter: {topic: orders-dlq}\n  delivery: ExactlyOnce\n",
+                "  batch: {maxRecords: 500}\n",
+                "  batch: {maxRecords: 500, compaction: LastWriteWins}\n",
             ),
         )
         .await?;
     let (_, _, message) = eventually("InvalidSpec", reason_of("InvalidSpec")).await?;
     assert!(
-        message.contains("spec.delivery") && message.contains("not available in this version"),
+        message.contains("spec.batch.compaction")
+            && message.contains("not available in this version"),
         "{message}"
     );
     operator.stop().await

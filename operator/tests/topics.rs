@@ -95,7 +95,7 @@ async fn create_raise_refuse_lowering_alter_managed_config_and_delete() -> anyho
     assert!(
         stored
             .finalizers()
-            .contains(&weir_operator::topic::FINALIZER.to_owned())
+            .contains(&weir_operator::controllers::topic::FINALIZER.to_owned())
     );
     let status = stored.status.clone().unwrap_or_default();
     assert_eq!(status.partitions, Some(2));
@@ -256,12 +256,15 @@ async fn the_newer_of_two_claims_on_one_topic_name_reports_conflict() -> anyhow:
         "{message}"
     );
     // Let the operator reconcile both a few more times: the topic follows the owner only.
-    let reconciles = operator.metrics.reconciles(weir_operator::topic::KIND);
+    let reconciles = operator
+        .metrics
+        .reconciles(weir_operator::controllers::topic::KIND);
     eventually("more reconciles", || async {
-        Ok(
-            (operator.metrics.reconciles(weir_operator::topic::KIND) >= reconciles + 4)
-                .then_some(()),
-        )
+        Ok((operator
+            .metrics
+            .reconciles(weir_operator::controllers::topic::KIND)
+            >= reconciles + 4)
+            .then_some(()))
     })
     .await?;
     let (partitions, configs) = broker_topic(&kafka, &topic).await?.unwrap_or_default();
@@ -280,5 +283,69 @@ async fn the_newer_of_two_claims_on_one_topic_name_reports_conflict() -> anyhow:
         broker_topic(&kafka, &topic).await?.is_some(),
         "the owner's topic was deleted"
     );
+    operator.stop().await
+}
+
+/// A new user applies a topic asking for 3 replicas to a one-broker cluster: the status
+/// and a Warning Event say so in the spec's terms (not librdkafka's
+/// "InvalidReplicationFactor"), and no topic is made.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replication_factor_above_the_broker_count_is_refused_in_the_users_terms()
+-> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    let kafka = TestKafka::shared()?;
+    let ns = cluster.namespace("replicas").await?;
+    cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
+    let operator = Operator::start(
+        cluster.operator_client()?,
+        config(&unique_name("lease"), "op-rf"),
+    );
+    let connections: Api<weir_crds::KafkaConnection> = Api::namespaced(cluster.admin.clone(), &ns);
+    eventually("the connection to count its brokers", || async {
+        Ok(connections
+            .get("default")
+            .await?
+            .status
+            .and_then(|s| s.brokers))
+    })
+    .await?;
+    let topic = unique_name("events");
+    cluster
+        .apply_yaml(
+            &ns,
+            &format!(
+                "apiVersion: weir.dev/v1alpha1\nkind: KafkaTopic\nmetadata: {{name: events}}\nspec:\n  topicName: {topic}\n  partitions: 3\n  replicationFactor: 3\n"
+            ),
+        )
+        .await?;
+    let api: Api<KafkaTopic> = Api::namespaced(cluster.admin.clone(), &ns);
+    let (status, reason, message) = eventually("Ready=False", || async {
+        Ok(ready_of(&api, "events").await?.filter(|r| r.0 == "False"))
+    })
+    .await?;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(
+        message.starts_with("spec.replicationFactor 3 exceeds the cluster's 1 broker(s)"),
+        "{message}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.admin.clone(), &ns);
+    let warning = eventually("a Warning Event", || async {
+        Ok(events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|e| e.type_.as_deref() == Some("Warning")))
+    })
+    .await?;
+    assert_eq!(warning.reason.as_deref(), Some("InvalidSpec"));
+    assert!(
+        warning
+            .note
+            .unwrap_or_default()
+            .contains("exceeds the cluster's 1 broker(s)")
+    );
+    assert!(broker_topic(&kafka, &topic).await?.is_none());
     operator.stop().await
 }

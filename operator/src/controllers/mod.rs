@@ -1,4 +1,9 @@
-//! Wiring: one controller per kind, sharing caches of KafkaConnections and KafkaTopics.
+//! The controllers, one folder per kind in stages, and their wiring: one controller per
+//! kind, sharing caches of KafkaConnections and KafkaTopics. (KafkaConnection's lives in
+//! `crate::connection`.)
+
+pub mod pipeline;
+pub mod topic;
 
 use std::sync::Arc;
 
@@ -12,9 +17,9 @@ use kube::{Api, Client};
 use weir_crds::{EventPipeline, KafkaConnection, KafkaTopic};
 
 use crate::config::OperatorConfig;
+use crate::connection;
 use crate::context::Context;
 use crate::metrics::Metrics;
-use crate::{connection, pipeline, topic};
 
 /// An Api over the watched namespaces: the single one configured, else all (several
 /// namespaces are filtered in `Context::reconcile`).

@@ -1,11 +1,11 @@
-//! Rendering: pure functions from an EventPipeline (and its KafkaConnection) and the
+//! The build stage of a pipeline ("rendering"): pure functions from an EventPipeline (and its KafkaConnection) and the
 //! operator's configuration to the objects that run it. No cluster access here, so every
 //! rendered object is unit-tested as it will be applied.
 //!
 //! Per pipeline `<p>`: ConfigMap `<p>-pipeline` (the file the worker reads), ServiceAccount
 //! `<p>-worker`, Deployment `<p>-worker`, Service `<p>-worker-metrics`,
 //! PodDisruptionBudget `<p>-worker`, and the dead-letter KafkaTopic `<p>-dead-letter`.
-//! All carry the `app.kubernetes.io/*` labels and an owner reference to the pipeline, so
+//! All carry the `app.kubernetes.io/*` labels, `weir.dev/pipeline: <p>` and an owner reference to the pipeline, so
 //! deleting the pipeline deletes them (the dead-letter KafkaTopic retains its Kafka topic).
 
 use std::collections::BTreeMap;
@@ -104,6 +104,7 @@ pub fn labels(pipeline: &str) -> BTreeMap<String, String> {
             "app.kubernetes.io/managed-by".to_owned(),
             "weir-operator".to_owned(),
         ),
+        (crate::apply::PIPELINE_LABEL.to_owned(), pipeline.to_owned()),
     ])
 }
 

@@ -1,0 +1,214 @@
+//! EventPipeline, in stages: [`dereference`] (its KafkaConnection and current Deployment:
+//! the only IO before apply) → [`validate`] (pure: the worker's own `validate()`, CEL
+//! included, and what the connection allows) → [`build`] (pure: every child object) →
+//! apply (server-side apply of each child, then the deletion of labelled children the
+//! spec no longer has) → [`status`] (pure). An apply that changes nothing is not stored by
+//! the API server, so a second reconcile writes nothing. Replicas are set through the
+//! Deployment's scale subresource, never by the apply: `spec.replicas` when pinned, else
+//! `scaling.minReplicas`.
+
+pub mod build;
+pub mod dereference;
+pub mod status;
+pub mod validate;
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::ResourceExt as _;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use serde_json::json;
+use weir_crds::condition::types::READY;
+use weir_crds::{EventPipeline, KafkaConnection, KafkaTopic};
+
+use crate::apply::{apply, delete_orphans};
+use crate::conditions;
+use crate::context::{Context, Error};
+use build::{CONFIG_HASH_ANNOTATION, Names, Rendered, render};
+use validate::Refusal;
+
+pub const KIND: &str = "EventPipeline";
+
+/// The pipelines that use a KafkaConnection (by reference, or as the namespace's default),
+/// so a change to it re-renders them (and a pipeline refused for its connection is
+/// reconsidered).
+pub fn connection_mapper(
+    pipelines: Store<EventPipeline>,
+    default_connection: String,
+) -> impl Fn(KafkaConnection) -> Vec<ObjectRef<EventPipeline>> + Send + Sync + 'static {
+    move |connection| {
+        let namespace = connection.namespace();
+        let name = connection.name_any();
+        pipelines
+            .state()
+            .iter()
+            .filter(|p| {
+                p.namespace() == namespace
+                    && p.spec
+                        .connection_ref
+                        .as_ref()
+                        .map_or(default_connection.as_str(), |r| r.name.as_str())
+                        == name
+            })
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect()
+    }
+}
+
+/// Reports why the pipeline cannot run (`Ready=False` with the refusal's reason, and a
+/// Warning Event when the reason is new) and applies nothing.
+async fn refuse(
+    ctx: &Context,
+    pipeline: &EventPipeline,
+    refusal: Refusal,
+) -> Result<Action, Error> {
+    let was = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| conditions::reason(&s.conditions, READY))
+        .map(str::to_owned);
+    let status = status::refused(pipeline, &refusal);
+    ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+        .await?;
+    if was.as_deref() != Some(refusal.reason) {
+        ctx.event(pipeline, true, refusal.reason, refusal.message.clone())
+            .await;
+    }
+    Ok(if refusal.spec {
+        Action::await_change()
+    } else {
+        // What it refers to is watched; the requeue is a safety net.
+        Action::requeue(ctx.config.resync)
+    })
+}
+
+pub async fn reconcile(pipeline: Arc<EventPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.reconcile(KIND, pipeline.as_ref(), reconcile_inner(&pipeline, &ctx))
+        .await
+}
+
+async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Action, Error> {
+    let refs = dereference::dereference(ctx, pipeline).await?;
+    let connection = match validate::validate(pipeline, &refs) {
+        Ok(connection) => connection,
+        Err(refusal) => return refuse(ctx, pipeline, refusal).await,
+    };
+    let rendered = match render(pipeline, Some(&connection), &ctx.config) {
+        Ok(rendered) => rendered,
+        Err(e) => {
+            let refusal = Refusal {
+                reason: "InvalidSpec",
+                message: e.to_string(),
+                spec: true,
+            };
+            return refuse(ctx, pipeline, refusal).await;
+        }
+    };
+    let desired = pipeline
+        .spec
+        .replicas
+        .unwrap_or(pipeline.spec.scaling.min_replicas);
+    let deployment = apply_all(ctx, pipeline, &rendered, desired).await?;
+    announce(ctx, pipeline, refs.deployment.as_ref(), &rendered).await;
+    let status = status::running(pipeline, &deployment, desired);
+    ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+        .await?;
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Applies every child (the Deployment last, so it never starts on a half-written
+/// configuration), deletes the children an earlier spec made that this one has not, and
+/// sets the replicas through the scale subresource when they differ.
+async fn apply_all(
+    ctx: &Context,
+    pipeline: &EventPipeline,
+    rendered: &Rendered,
+    desired: i32,
+) -> Result<Deployment, Error> {
+    let namespace = pipeline.namespace().unwrap_or_default();
+    let name = pipeline.name_any();
+    apply(ctx, &namespace, &name, &rendered.config_map).await?;
+    apply(ctx, &namespace, &name, &rendered.service_account).await?;
+    apply(ctx, &namespace, &name, &rendered.service).await?;
+    apply(ctx, &namespace, &name, &rendered.pod_disruption_budget).await?;
+    let mut topics = Vec::new();
+    if let Some(topic) = &rendered.dead_letter_topic {
+        apply::<KafkaTopic>(ctx, &namespace, &name, topic).await?;
+        topics.push(topic.name_any());
+    }
+    let deployment = apply(ctx, &namespace, &name, &rendered.deployment).await?;
+    for orphan in delete_orphans::<KafkaTopic>(ctx, &namespace, &name, &topics).await? {
+        ctx.event(
+            pipeline,
+            false,
+            "Deleted",
+            format!("deleted KafkaTopic {orphan}, which the spec no longer has (its Kafka topic is retained)"),
+        )
+        .await;
+    }
+    if deployment.spec.as_ref().and_then(|s| s.replicas) != Some(desired) {
+        scale(ctx, &namespace, &rendered.deployment.name_any(), desired).await?;
+    }
+    Ok(deployment)
+}
+
+/// Sets the Deployment's replicas through its scale subresource.
+pub async fn scale(
+    ctx: &Context,
+    namespace: &str,
+    deployment: &str,
+    replicas: i32,
+) -> Result<(), Error> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    ctx.metrics.write();
+    deployments
+        .patch_scale(
+            deployment,
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "autoscaling/v1",
+                "kind": "Scale",
+                "spec": {"replicas": replicas},
+            })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The Events of a rare, user-visible change: the workers created, or rolled.
+async fn announce(
+    ctx: &Context,
+    pipeline: &EventPipeline,
+    before: Option<&Deployment>,
+    rendered: &Rendered,
+) {
+    let names = Names::of(&pipeline.name_any());
+    match before.map(config_hash) {
+        None => {
+            ctx.event(pipeline, false, "Created", format!("created Deployment {} and its ConfigMap, ServiceAccount, Service and PodDisruptionBudget", names.worker)).await;
+        }
+        Some(old) if old.as_deref() != Some(rendered.config_hash.as_str()) => {
+            ctx.event(pipeline, false, "Rolled", format!("the worker configuration changed (config hash {}): Deployment {} rolls its pods", rendered.config_hash, names.worker)).await;
+        }
+        Some(_) => {}
+    }
+}
+
+fn config_hash(deployment: &Deployment) -> Option<String> {
+    deployment
+        .spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(CONFIG_HASH_ANNOTATION)
+        .cloned()
+}
+
+pub fn error_policy(object: Arc<EventPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.retry(KIND, object.as_ref(), error)
+}
