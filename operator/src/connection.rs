@@ -2,6 +2,7 @@
 //! properties; Ready when a metadata request succeeds, with the broker count and cluster id.
 //! A change to a referenced Secret triggers a reconcile (see `secret_mapper`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -9,92 +10,54 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt as _};
+
 use rdkafka::ClientConfig;
 use weir_crds::condition::types::READY;
-use weir_crds::{KafkaConnection, KafkaConnectionSpec, SaslMechanism, SecretKeySelector};
+use weir_crds::{KafkaConnection, KafkaConnectionSpec, SecretKeySelector};
+use weir_worker::kafka::{self, Credentials, Role};
 
 use crate::conditions;
 use crate::context::{Context, Error};
 
 pub const KIND: &str = "KafkaConnection";
 
-/// The client properties of `spec` in `namespace`, with Secret values read from the API.
+/// The client properties of `spec` in `namespace`, with Secret values read from the API
+/// (kept in memory only; the messages name Secrets and keys, never values).
 pub async fn client_config(
     client: &Client,
     namespace: &str,
     spec: &KafkaConnectionSpec,
 ) -> Result<ClientConfig, Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let read = |selector: SecretKeySelector| {
-        let secrets = secrets.clone();
-        async move {
-            let secret = secrets.get_opt(&selector.name).await?.ok_or_else(|| {
-                Error::Connection(format!("Secret {:?} does not exist", selector.name))
-            })?;
-            let value = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(&selector.key))
-                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                .or_else(|| {
-                    secret
-                        .string_data
-                        .as_ref()
-                        .and_then(|d| d.get(&selector.key).cloned())
-                })
-                .ok_or_else(|| {
-                    Error::Connection(format!(
-                        "Secret {:?} has no key {:?}",
-                        selector.name, selector.key
-                    ))
-                })?;
-            Ok::<_, Error>(value)
-        }
-    };
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", spec.bootstrap_servers.join(","));
-    let protocol = match (&spec.tls, &spec.sasl) {
-        (None, None) => "PLAINTEXT",
-        (Some(_), None) => "SSL",
-        (None, Some(_)) => "SASL_PLAINTEXT",
-        (Some(_), Some(_)) => "SASL_SSL",
-    };
-    config.set("security.protocol", protocol);
-    if let Some(tls) = &spec.tls {
-        if let Some(ca) = &tls.ca_cert {
-            config.set("ssl.ca.pem", read(ca.clone()).await?);
-        }
-        if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-            config.set("ssl.certificate.pem", read(cert.clone()).await?);
-            config.set("ssl.key.pem", read(key.clone()).await?);
-        }
-        if tls.insecure_skip_hostname_verification {
-            config.set("ssl.endpoint.identification.algorithm", "none");
+    let mut read: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+    for (_, selector) in kafka::secret_selectors(spec) {
+        if !read.contains_key(&selector.name) {
+            read.insert(
+                selector.name.clone(),
+                secrets.get_opt(&selector.name).await?,
+            );
         }
     }
-    if let Some(sasl) = &spec.sasl {
-        config.set(
-            "sasl.mechanisms",
-            match sasl.mechanism {
-                SaslMechanism::Plain => "PLAIN",
-                SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
-                SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
-            },
-        );
-        let username = match (&sasl.username, &sasl.username_secret_ref) {
-            (Some(user), _) => user.clone(),
-            (None, Some(selector)) => read(selector.clone()).await?,
-            (None, None) => String::new(),
-        };
-        config.set("sasl.username", username);
-        config.set(
-            "sasl.password",
-            read(sasl.password_secret_ref.clone()).await?,
-        );
-    }
-    for (key, value) in &spec.properties {
-        config.set(key, value);
-    }
+    let credentials = Credentials::resolve(spec, |selector: &SecretKeySelector| {
+        let secret = read
+            .get(&selector.name)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| format!("Secret {:?} does not exist", selector.name))?;
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&selector.key))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(&selector.key).cloned())
+            })
+            .ok_or_else(|| format!("Secret {:?} has no key {:?}", selector.name, selector.key))
+    })
+    .map_err(|e| Error::Connection(e.to_string()))?;
+    let mut config = kafka::client_config(spec, &credentials, Role::Admin);
     config.set("log_level", "3");
     Ok(config)
 }
@@ -127,20 +90,10 @@ pub fn secret_mapper(
 
 /// The Secrets a connection reads.
 pub fn referenced_secrets(spec: &KafkaConnectionSpec) -> Vec<String> {
-    let mut names = Vec::new();
-    if let Some(tls) = &spec.tls {
-        names.extend(
-            [&tls.ca_cert, &tls.client_cert, &tls.client_key]
-                .into_iter()
-                .flatten()
-                .map(|s| s.name.clone()),
-        );
-    }
-    if let Some(sasl) = &spec.sasl {
-        names.extend(sasl.username_secret_ref.iter().map(|s| s.name.clone()));
-        names.push(sasl.password_secret_ref.name.clone());
-    }
-    names
+    kafka::secret_selectors(spec)
+        .into_iter()
+        .map(|(_, s)| s.name.clone())
+        .collect()
 }
 
 pub async fn reconcile(
@@ -200,19 +153,20 @@ async fn reconcile_inner(connection: &KafkaConnection, ctx: &Context) -> Result<
             }
             Err(e) => {
                 let was_ready = conditions::is_true(&status.conditions, READY);
-                let reason = match e {
-                    Error::Connection(_) => "SecretNotReady",
-                    _ => "Unreachable",
-                };
+                let reason = failure_reason(&e);
+                let before = conditions::reason(&status.conditions, READY).map(str::to_owned);
+                let message = format!("KafkaConnection {namespace}/{}: {e}", connection.name_any());
                 conditions::set(
                     &mut status.conditions,
                     READY,
                     false,
                     reason,
-                    e.to_string(),
+                    message.clone(),
                     generation,
                 );
-                let event = was_ready.then(|| (true, reason, e.to_string()));
+                // An Event when it stops working or fails for another reason, not per retry.
+                let event = (was_ready || before.as_deref() != Some(reason))
+                    .then_some((true, reason, message));
                 (Action::requeue(Context::backoff(2)), event)
             }
         },
@@ -223,6 +177,16 @@ async fn reconcile_inner(connection: &KafkaConnection, ctx: &Context) -> Result<
         ctx.event(connection, warning, reason, note).await;
     }
     Ok(action)
+}
+
+/// The condition reason of a failed probe: `SecretNotReady`, `AuthenticationFailed`,
+/// `TlsHandshakeFailed`, `Unreachable` or `KafkaError`.
+fn failure_reason(error: &Error) -> &'static str {
+    match error {
+        Error::Connection(_) => "SecretNotReady",
+        Error::Kafka(e) => e.cause().reason(),
+        _ => "Unreachable",
+    }
 }
 
 async fn probe(

@@ -8,8 +8,10 @@ use rdkafka::ClientConfig;
 use weir_crds::load::Resource;
 use weir_crds::{
     DEFAULT_CONNECTION, EventPipelineSpec, KafkaConnectionSpec, KafkaTopicSpec, Manifest, Problems,
-    SecretSource,
+    SecretKeySelector, SecretSource,
 };
+
+use crate::kafka::{Credentials, Role};
 
 /// Settings from the command line or environment that override the file.
 #[derive(Clone, Debug, Default)]
@@ -24,17 +26,34 @@ pub struct Overrides {
 }
 
 /// A pipeline ready to run.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WorkerConfig {
     pub name: String,
     pub namespace: String,
     pub spec: EventPipelineSpec,
-    /// Client properties shared by the consumer and producers.
+    /// Client properties shared by the consumer and producers (with the connection's
+    /// secrets: never log them).
     pub kafka: ClientConfig,
+    /// Names the Kafka connection in log lines: `KafkaConnection <namespace>/<name>`, or
+    /// the bootstrap servers given on the command line.
+    pub connection: String,
     /// Static group membership (`group.instance.id`), e.g. the pod name.
     pub instance_id: Option<String>,
     /// Records decoded and transformed at once, one thread each.
     pub transform_threads: usize,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not `kafka`: it holds the connection's password and private key.
+        f.debug_struct("WorkerConfig")
+            .field("name", &self.name)
+            .field("namespace", &self.namespace)
+            .field("connection", &self.connection)
+            .field("instance_id", &self.instance_id)
+            .field("transform_threads", &self.transform_threads)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkerConfig {
@@ -202,7 +221,10 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
     )
     .map_err(|message| ConfigError::Unusable {
         path: path.to_owned(),
-        message,
+        message: match connection {
+            Some(c) => format!("KafkaConnection {:?}: {message}", c.metadata.name),
+            None => message,
+        },
     })?;
     let namespace = overrides
         .namespace
@@ -211,9 +233,18 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
         .unwrap_or_else(|| "default".to_owned());
     Ok(WorkerConfig {
         name: pipeline.metadata.name.clone(),
-        namespace,
+        namespace: namespace.clone(),
         spec: pipeline.spec.clone(),
         kafka,
+        connection: match (&overrides.bootstrap_servers, connection) {
+            (Some(servers), _) => format!("Kafka at {servers}"),
+            (None, Some(c)) => format!(
+                "KafkaConnection {}/{}",
+                c.metadata.namespace.as_deref().unwrap_or(&namespace),
+                c.metadata.name
+            ),
+            (None, None) => "Kafka".to_owned(),
+        },
         instance_id: overrides.instance_id.clone(),
         transform_threads: overrides
             .transform_threads
@@ -221,31 +252,46 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
     })
 }
 
-/// Client properties from a KafkaConnection, with `bootstrap` taking precedence.
+/// Client properties from a KafkaConnection (TLS and SASL included, its Secret keys read
+/// from the variables the operator sets, see [`kafka_secret`]), with `bootstrap` taking
+/// precedence over its servers. A Kafka sink's producer starts from these too, or calls
+/// [`crate::kafka::client_config`] with [`crate::kafka::Role::Producer`].
 pub fn client_config(
     connection: Option<&KafkaConnectionSpec>,
     bootstrap: Option<&str>,
 ) -> Result<ClientConfig, String> {
-    let mut config = ClientConfig::new();
-    let servers = match (bootstrap, connection) {
-        (Some(servers), _) => servers.to_owned(),
-        (None, Some(c)) => c.bootstrap_servers.join(","),
+    let mut config = match connection {
+        Some(spec) => {
+            let credentials =
+                Credentials::resolve(spec, kafka_secret).map_err(|e| e.to_string())?;
+            crate::kafka::client_config(spec, &credentials, Role::Consumer)
+        }
+        None => ClientConfig::new(),
+    };
+    match (bootstrap, connection) {
+        (Some(servers), _) => {
+            config.set("bootstrap.servers", servers);
+        }
+        (None, Some(_)) => {}
         (None, None) => {
             return Err(format!(
                 "no Kafka connection: add a KafkaConnection named {DEFAULT_CONNECTION:?} (or the pipeline's connectionRef) to the file, or pass --bootstrap-servers"
             ));
         }
-    };
-    config.set("bootstrap.servers", servers);
-    if let Some(c) = connection {
-        if c.tls.is_some() || c.sasl.is_some() {
-            return Err("KafkaConnection tls/sasl are not supported by this worker build yet: use a plaintext listener or --bootstrap-servers".into());
-        }
-        for (key, value) in &c.properties {
-            config.set(key, value);
-        }
     }
     Ok(config)
+}
+
+/// A Secret key of a KafkaConnection, as the worker receives it: the environment variable
+/// the operator sets from it (`WEIR_SECRET_<NAME>_<KEY>`); outside Kubernetes, set it
+/// yourself.
+pub fn kafka_secret(selector: &SecretKeySelector) -> Result<String, String> {
+    let name = selector.env_name();
+    std::env::var(&name).map_err(|_| {
+        format!(
+            "is not available: in Kubernetes the operator sets {name} from it; outside, set {name}"
+        )
+    })
 }
 
 /// The value a SecretSource names: an environment variable, a file, or (in Kubernetes)

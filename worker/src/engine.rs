@@ -317,7 +317,7 @@ impl Engine {
                 Metrics::add(&self.metrics.consumed, 1);
                 self.batch.push(record);
             }
-            Err(e) => tracing::warn!(error = %e, "consumer error; retrying"),
+            Err(e) => self.consumer.context().consumer_error(&e),
         }
     }
 

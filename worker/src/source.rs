@@ -10,6 +10,7 @@ use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use weir_crds::StartPosition;
 
 use crate::config::WorkerConfig;
+use crate::kafka::Observer;
 use crate::metrics::Metrics;
 use crate::record::Record;
 
@@ -32,20 +33,34 @@ impl Revocations {
 #[derive(Debug)]
 pub struct SourceContext {
     revocations: Revocations,
+    /// Partitions assigned, for an engine that keeps offsets in the sink to claim.
+    assigned: Revocations,
     metrics: Arc<Metrics>,
     gate: Arc<tokio::sync::Mutex<()>>,
+    /// Classifies and logs (throttled) what librdkafka reports about the connection.
+    observer: Observer,
 }
 
 impl ClientContext for SourceContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.observer.log(level, fac, log_message);
+    }
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
-            // Not ready until a batch goes through again.
+        let all_down =
+            error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown);
+        let failure = self.observer.failed(error.rdkafka_error_code(), reason);
+        if all_down || failure.cause.needs_a_change() {
+            // Not ready until the connection works again.
             self.metrics.set_ready(false);
         }
-        tracing::warn!(error = %error, reason, "kafka client error");
     }
 
     fn stats(&self, statistics: Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.observer.connected();
+            self.metrics.set_ready(true);
+        }
         let mut lag = BTreeMap::new();
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
@@ -77,7 +92,11 @@ impl ConsumerContext for SourceContext {
                 }
             }
             Rebalance::Assign(partitions) => {
-                tracing::info!(partitions = ?list(partitions), "partitions assigned");
+                let assigned = list(partitions);
+                tracing::info!(partitions = ?assigned, "partitions assigned");
+                if let Ok(mut pending) = self.assigned.0.lock() {
+                    pending.extend(assigned);
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -85,6 +104,17 @@ impl ConsumerContext for SourceContext {
 }
 
 impl SourceContext {
+    /// An error the consumer's poll returned: counted with the connection's other
+    /// failures, logged only as the throttle allows.
+    pub fn consumer_error(&self, error: &rdkafka::error::KafkaError) {
+        self.observer.consumer_error(error);
+    }
+
+    /// The partitions assigned since the last call.
+    pub fn take_assigned(&self) -> Vec<(String, i32)> {
+        self.assigned.take()
+    }
+
     /// Takes the write gate, blocking this thread (the callback runs inside the consumer's
     /// poll, on the engine's task; tokio moves that worker's other tasks elsewhere
     /// meanwhile).
@@ -119,8 +149,10 @@ pub fn consumer(
 ) -> Result<(Consumer, Revocations), rdkafka::error::KafkaError> {
     let context = SourceContext {
         revocations: Revocations::default(),
+        assigned: Revocations::default(),
         metrics,
         gate,
+        observer: Observer::new(config.connection.clone()),
     };
     let revocations = context.revocations.clone();
     let reset = match config.spec.source.start_position {
@@ -131,8 +163,13 @@ pub fn consumer(
     // one is written, without queueing hundreds of thousands of records.
     let prefetch_records = (config.spec.batch.max_records.max(1) as usize * 2).clamp(1000, 100_000);
     let mut client = config.kafka.clone();
+    // The worker's identity (the pod name) names its client, not a static group member:
+    // librdkafka sends no LeaveGroup for a static member, so a stopped worker's
+    // partitions would sit unowned for the session timeout, and a Deployment's pods never
+    // come back under the same name to claim them. A dynamic member leaves on close, and
+    // the others take its partitions at their next heartbeat.
     if let Some(id) = &config.instance_id {
-        client.set("group.instance.id", id);
+        client.set("client.id", id);
     }
     let consumer: Consumer = client
         .set("group.id", config.consumer_group())
@@ -154,7 +191,7 @@ pub fn consumer(
         .set("fetch.max.bytes", "2097152")
         .set("session.timeout.ms", "10000")
         .set("statistics.interval.ms", "5000")
-        .set("heartbeat.interval.ms", "2000")
+        .set("heartbeat.interval.ms", "1000")
         .create_with_context(context)?;
     let topics: Vec<&str> = config
         .spec

@@ -94,6 +94,7 @@ pub async fn run(database: &Path) -> anyhow::Result<()> {
         kafka: ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .clone(),
+        connection: "the embedded broker".to_owned(),
         instance_id: None,
         transform_threads: weir_worker::shards::default_threads(),
     };
