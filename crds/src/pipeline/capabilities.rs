@@ -8,7 +8,7 @@ use super::*;
 use crate::problems::Collector;
 
 /// Sink kinds the worker writes to.
-pub const RUNNABLE_SINKS: &[&str] = &["postgres", "mysql", "sqlite", "redis"];
+pub const RUNNABLE_SINKS: &[&str] = &["postgres", "mysql", "sqlite", "redis", "http"];
 
 impl EventPipelineSpec {
     pub(super) fn check_capabilities(&self, spec: &mut Collector<'_>) {
@@ -44,14 +44,13 @@ impl EventPipelineSpec {
             );
         }
         if self.idempotency.is_some()
-            && !self
-                .sinks
-                .iter()
-                .any(|s| s.postgres.is_some() || s.mysql.is_some() || s.sqlite.is_some())
+            && !self.sinks.iter().any(|s| {
+                s.postgres.is_some() || s.mysql.is_some() || s.sqlite.is_some() || s.http.is_some()
+            })
         {
             spec.field_error(
                 "idempotency",
-                "needs a postgres, mysql or sqlite sink, which records the applied keys in its own transaction; remove it (Redis SET, HSET and DEL give the same result when repeated)",
+                "needs a postgres, mysql or sqlite sink, which records the applied keys in its own transaction, or an http sink, which sends them as Idempotency-Key headers; remove it (Redis SET, HSET and DEL give the same result when repeated)",
             );
         }
         self.check_scaling(&mut spec.at("scaling"));
@@ -127,17 +126,15 @@ mod tests {
             {"mongodb": {"urlFrom": {"env": "M"}, "database": "d", "collection": "c"}}
         ]}));
         let paths = paths(&s);
-        for path in [
-            "spec.sinks[0].http",
-            "spec.sinks[1].kafka",
-            "spec.sinks[3].mongodb",
-        ] {
+        for path in ["spec.sinks[1].kafka", "spec.sinks[3].mongodb"] {
             assert!(paths.contains(&path.to_owned()), "{path} not in {paths:?}");
         }
-        assert!(
-            !paths.iter().any(|p| p.starts_with("spec.sinks[2]")),
-            "mysql runs: {paths:?}"
-        );
+        for runs in ["spec.sinks[0]", "spec.sinks[2]"] {
+            assert!(
+                !paths.iter().any(|p| p.starts_with(runs)),
+                "{runs} runs: {paths:?}"
+            );
+        }
     }
 
     #[test]
@@ -177,5 +174,10 @@ mod tests {
             "sinks": [{"redis": {"urlFrom": {"env": "R"}, "key": "event.id"}}]
         }));
         assert!(paths(&s).contains(&"spec.idempotency".to_owned()));
+        let http = spec(serde_json::json!({
+            "idempotency": {"key": "event.id"},
+            "sinks": [{"http": {"url": "http://x"}}]
+        }));
+        assert_eq!(paths(&http), Vec::<String>::new(), "sent as Idempotency-Key");
     }
 }

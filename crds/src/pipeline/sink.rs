@@ -41,7 +41,7 @@ pub struct Sink {
     /// MongoDB: not available in this version (refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mongodb: Option<MongoSink>,
-    /// HTTP: not available in this version (refused).
+    /// Send the events to an HTTP endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSink>,
     /// Another Kafka topic: not available in this version (refused).
@@ -351,37 +351,86 @@ pub struct MongoGuard {
     pub field: String,
 }
 
-/// HTTP: not available in this version (a pipeline with an http sink is refused).
+/// HTTP: the events sent to an endpoint, a batch per request (a JSON array, or NDJSON) or
+/// one request per record (the event as the body). A connection error, a timeout, 429 and
+/// 5xx are retried (waiting at least what `Retry-After` asks, at most `retry.maxBackoff`);
+/// 401, 403, 404 and 405 stop the pipeline (the URL or the credentials are wrong); any other
+/// 4xx refuses the records of the request, which go to the dead-letter topic with the status
+/// and the start of the response body. A batch refused so is sent again in halves until the
+/// refused records stand alone. With `spec.idempotency`, every request carries an
+/// `Idempotency-Key` header, the same on every retry, so the receiver can drop a repeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.url) != has(self.urlFrom)",
     "message": "set exactly one of url, urlFrom"
+}, {
+    "rule": "!(has(self.mode) && self.mode == 'PerRecord' && has(self.encoding) && self.encoding == 'Ndjson')",
+    "message": "encoding Ndjson needs mode Batch: with PerRecord each request's body is one event"
+}, {
+    "rule": "!has(self.concurrency) || (has(self.mode) && self.mode == 'PerRecord')",
+    "message": "concurrency needs mode PerRecord: with Batch each batch is one request"
 }]))]
 pub struct HttpSink {
-    /// The endpoint, when it holds no secret.
+    /// The endpoint when it holds no secret, e.g. `https://notify.example/v1/events`
+    /// (`https://` is verified against the system's trusted roots; SSL_CERT_FILE in the
+    /// worker's environment names other ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// The endpoint, from a secret.
+    /// Where the endpoint comes from when it holds a secret (a token in the query string).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_from: Option<SecretSource>,
-    /// Headers sent with every request; values from secrets go in `headersFrom`.
+    /// Post (the default), Put or Patch.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// Headers sent with every request, e.g. `X-Source: weir`; values that are secret go in
+    /// `headersFrom`. `Content-Type` defaults to `application/json` (`application/x-ndjson`
+    /// with Ndjson).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
     pub headers: BTreeMap<String, String>,
-    /// Headers whose values are secret (e.g. Authorization).
+    /// Headers whose values are secret, e.g. `Authorization` from a Secret holding
+    /// `Bearer <token>`. Their values never appear in logs or dead letters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub headers_from: BTreeMap<String, SecretSource>,
-    /// JsonArray (the default: one JSON array per batch) or Ndjson (one line per record).
+    /// Batch (the default: one request per batch, its body encoded as `encoding` says) or
+    /// PerRecord (one request per record, its body the event as JSON).
+    #[serde(default)]
+    pub mode: HttpMode,
+    /// With Batch: JsonArray (the default: a JSON array of the batch's events) or Ndjson
+    /// (one event per line).
     #[serde(default)]
     pub encoding: HttpEncoding,
-    /// Timeout of one request.
+    /// How long one request may take, from connecting to the end of the response.
     #[serde(default = "default_http_timeout")]
     pub timeout: DurationString,
+    /// With PerRecord: how many requests may be in flight at once (default 8). Records with
+    /// the same Kafka key are still sent one after the other, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub concurrency: Option<u32>,
 }
 
 fn default_http_timeout() -> DurationString {
     DurationString::new("10s")
+}
+
+/// The HTTP method of every request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum HttpMethod {
+    #[default]
+    Post,
+    Put,
+    Patch,
+}
+
+/// How an HTTP sink turns records into requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum HttpMode {
+    #[default]
+    Batch,
+    PerRecord,
 }
 
 /// How an HTTP batch is encoded.

@@ -490,15 +490,75 @@ fn validate_http(sink: &HttpSink, at: &mut Collector<'_>) {
                     "url",
                     format!("{url:?} must start with http:// or https://"),
                 );
+            } else if has_password(url) {
+                at.field_error(
+                    "url",
+                    "holds a password, which is not sent: send credentials in a header from headersFrom (e.g. Authorization), so they never appear in the resource",
+                );
             }
         }
         (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
         _ => at.error("set exactly one of url, urlFrom"),
     }
-    for (name, source) in &sink.headers_from {
-        check_secret_source(source, &mut at.key("headersFrom", name));
+    for (name, value) in &sink.headers {
+        let mut entry = at.key("headers", name);
+        check_header_name(name, &mut entry);
+        if value.chars().any(|c| c.is_control() && c != '\t') {
+            entry.error("a header value must not hold control characters such as line breaks");
+        }
     }
-    check_duration(&sink.timeout, &mut at.at("timeout"));
+    for (name, source) in &sink.headers_from {
+        let mut entry = at.key("headersFrom", name);
+        check_header_name(name, &mut entry);
+        check_secret_source(source, &mut entry);
+        if sink.headers.keys().any(|n| n.eq_ignore_ascii_case(name)) {
+            entry.error("also set in headers: set each header in one of headers, headersFrom");
+        }
+    }
+    if let Some(timeout) = check_duration(&sink.timeout, &mut at.at("timeout"))
+        && timeout.is_zero()
+    {
+        at.field_error("timeout", "must be longer than 0s");
+    }
+    if sink.mode == HttpMode::PerRecord && sink.encoding == HttpEncoding::Ndjson {
+        at.field_error(
+            "encoding",
+            "Ndjson needs mode Batch: with PerRecord each request's body is one event; remove encoding",
+        );
+    }
+    match (sink.mode, sink.concurrency) {
+        (HttpMode::Batch, Some(_)) => at.field_error(
+            "concurrency",
+            "needs mode PerRecord: with Batch each batch is one request; remove concurrency",
+        ),
+        (_, Some(n)) if !(1..=256).contains(&n) => {
+            at.field_error("concurrency", "must be between 1 and 256")
+        }
+        _ => {}
+    }
+}
+
+/// An HTTP header name (a token, RFC 9110), not one the sink sets itself.
+fn check_header_name(name: &str, at: &mut Collector<'_>) {
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        at.error(format!("{name:?} is not a valid HTTP header name"));
+    } else if [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "idempotency-key",
+    ]
+    .contains(&name.to_ascii_lowercase().as_str())
+    {
+        at.error(format!(
+            "{name} is set by the sink itself (Idempotency-Key from spec.idempotency): remove it"
+        ));
+    }
 }
 
 fn validate_batch(batch: &Batch, at: &mut Collector<'_>) {

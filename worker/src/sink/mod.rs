@@ -3,6 +3,7 @@
 //! classify its errors, close — and its tests. Batching, retries and offset commits are
 //! shared machinery in the engine, which names no sink kind.
 
+pub mod http;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
@@ -123,6 +124,7 @@ pub fn check(spec: &EventPipelineSpec) -> Result<(), String> {
                 "mysql" => "mysql://weir-check.invalid/check",
                 "sqlite" => "sqlite::memory:",
                 "mongodb" => "mongodb://weir-check.invalid/",
+                "http" => "http://weir-check.invalid/",
                 _ => "redis://weir-check.invalid/",
             }
             .to_owned()
@@ -180,6 +182,11 @@ fn build_with(
                 } => {
                     let url = url("mongodb", &m.url, &m.url_from, &format!("{at}.mongodb"))?;
                     Box::new(mongodb::MongoDbSink::new(m.clone(), &url)?)
+                }
+                SinkSpec { http: Some(h), .. } => {
+                    let at = format!("{at}.http");
+                    let url = url("http", &h.url, &h.url_from, &at)?;
+                    Box::new(http::HttpSink::new(h, &url, &at, spec)?)
                 }
                 SinkSpec { redis: Some(r), .. } => {
                     let url = url("redis", &r.url, &r.url_from, &format!("{at}.redis"))?;
