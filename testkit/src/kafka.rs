@@ -1,5 +1,11 @@
-//! A real Apache Kafka broker (one KRaft node in combined broker+controller mode), and
-//! librdkafka's mock cluster for faults a real broker cannot produce on demand.
+//! A real Apache Kafka broker (one KRaft node in combined broker+controller mode) with a
+//! PLAINTEXT listener and secured ones ([`security`]: SASL_SSL with SCRAM-SHA-512, SSL
+//! with required client certificates, SASL_PLAINTEXT with PLAIN), and librdkafka's mock
+//! cluster for faults a real broker cannot produce on demand.
+
+pub mod security;
+
+pub use security::KafkaSecurity;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +29,11 @@ const PART: &str = "kafka";
 #[derive(Debug)]
 pub struct KafkaServer {
     bootstrap: String,
+    /// The secured listeners; `None` for a broker shared through the environment
+    /// without them.
+    security: Option<KafkaSecurity>,
+    /// The data directory of a broker this process started.
+    dir: Option<PathBuf>,
     process: Option<Supervised>,
 }
 
@@ -33,10 +44,20 @@ impl KafkaServer {
         static SHARED: OnceLock<std::result::Result<KafkaServer, String>> = OnceLock::new();
         SHARED
             .get_or_init(|| match std::env::var(env::KAFKA_BOOTSTRAP) {
-                Ok(bootstrap) if !bootstrap.is_empty() => Ok(KafkaServer {
-                    bootstrap,
-                    process: None,
-                }),
+                Ok(bootstrap) if !bootstrap.is_empty() => {
+                    let security = match std::env::var_os(env::KAFKA_SECURITY) {
+                        Some(path) => {
+                            Some(KafkaSecurity::load(Path::new(&path)).map_err(|e| e.to_string())?)
+                        }
+                        None => None,
+                    };
+                    Ok(KafkaServer {
+                        bootstrap,
+                        security,
+                        dir: None,
+                        process: None,
+                    })
+                }
                 _ => KafkaServer::start().map_err(|e| e.to_string()),
             })
             .as_ref()
@@ -57,8 +78,17 @@ impl KafkaServer {
             .keep();
         let port = free_port(PART)?;
         let controller_port = free_port(PART)?;
+        let ports = security::Ports {
+            sasl_ssl: free_port(PART)?,
+            ssl: free_port(PART)?,
+            sasl_plaintext: free_port(PART)?,
+        };
+        let (security, broker_keys) = security::generate(ports)?;
+        let mut text = server_properties(&dir, port, controller_port, ports);
+        text.push_str(&security.broker_properties(&dir, &broker_keys)?);
+        security.save(&security::file_in(&dir))?;
         let properties = dir.join("server.properties");
-        std::fs::write(&properties, server_properties(&dir, port, controller_port))
+        std::fs::write(&properties, text)
             .map_err(|source| HarnessError::io(PART, "writing server.properties", source))?;
         let classpath = format!("{}/*", libs.display());
         let log4j = log4j_config(&dir)?;
@@ -67,7 +97,9 @@ impl KafkaServer {
             Command::new(&java)
                 .args(jvm_flags(&dir, &log4j))
                 .args(["-cp", &classpath, "kafka.tools.StorageTool", "format"])
-                .args(["-t", &cluster_id(), "-c"])
+                .args(["-t", &cluster_id()])
+                .args(["--add-scram", &security.add_scram()])
+                .arg("-c")
                 .arg(&properties),
         )?;
         let mut args = jvm_flags(&dir, &log4j);
@@ -89,6 +121,8 @@ impl KafkaServer {
         match ready {
             Ok(()) => Ok(KafkaServer {
                 bootstrap,
+                security: Some(security),
+                dir: Some(dir),
                 process: Some(process),
             }),
             Err(NotReady::Exited) => Err(process.start_error("the broker exited")),
@@ -107,6 +141,17 @@ impl KafkaServer {
         &self.bootstrap
     }
 
+    /// The secured listeners and their credentials.
+    pub fn security(&self) -> Option<&KafkaSecurity> {
+        self.security.as_ref()
+    }
+
+    /// Where the secured listeners' description is saved (for `$WEIR_TEST_KAFKA_SECURITY`):
+    /// beside the broker's data, deleted with it.
+    pub fn security_file(&self) -> Option<PathBuf> {
+        self.dir.as_deref().map(security::file_in)
+    }
+
     /// Whether this handle owns the broker process (false when shared from the environment).
     pub fn is_owned(&self) -> bool {
         self.process.is_some()
@@ -117,13 +162,16 @@ impl KafkaServer {
 #[derive(Clone, Debug)]
 pub struct TestKafka {
     bootstrap: String,
+    security: Option<KafkaSecurity>,
 }
 
 impl TestKafka {
     /// The shared broker (started on first use).
     pub fn shared() -> Result<TestKafka> {
+        let server = KafkaServer::shared()?;
         Ok(TestKafka {
-            bootstrap: KafkaServer::shared()?.bootstrap().to_owned(),
+            bootstrap: server.bootstrap().to_owned(),
+            security: server.security().cloned(),
         })
     }
 
@@ -135,7 +183,19 @@ impl TestKafka {
     pub fn at(bootstrap: &str) -> TestKafka {
         TestKafka {
             bootstrap: bootstrap.to_owned(),
+            security: None,
         }
+    }
+
+    /// The secured listeners of the shared broker and their credentials.
+    pub fn security(&self) -> Result<&KafkaSecurity> {
+        self.security.as_ref().ok_or_else(|| HarnessError::Missing {
+            part: PART,
+            hint: format!(
+                "the shared broker has no secured listeners: {} is not set (restart weir-test-services)",
+                env::KAFKA_SECURITY
+            ),
+        })
     }
 
     /// A client config pointing at the broker.
@@ -294,16 +354,29 @@ fn topic_partitions(bootstrap: &str, topic: &str) -> Option<usize> {
     (all_led && !partitions.is_empty()).then_some(partitions.len())
 }
 
-fn server_properties(dir: &Path, port: u16, controller_port: u16) -> String {
+fn server_properties(
+    dir: &Path,
+    port: u16,
+    controller_port: u16,
+    secured: security::Ports,
+) -> String {
+    let security::Ports {
+        sasl_ssl,
+        ssl,
+        sasl_plaintext,
+    } = secured;
+    let advertised = format!(
+        "PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{sasl_ssl},SSL://127.0.0.1:{ssl},SASL_PLAINTEXT://127.0.0.1:{sasl_plaintext}"
+    );
     format!(
         "process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners={advertised},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners={advertised}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL,SASL_PLAINTEXT:SASL_PLAINTEXT
 log.dirs={logs}
 num.partitions=1
 offsets.topic.replication.factor=1

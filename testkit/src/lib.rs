@@ -1,8 +1,9 @@
 //! The test harness: real services on loopback for Weir's integration tests.
 //!
 //! - [`kafka`]: a real Apache Kafka broker (single KRaft node, jars from Maven Central, run
-//!   with the JDK), shared by every test of a run; and librdkafka's in-process mock cluster
-//!   for fault injection.
+//!   with the JDK), shared by every test of a run, with PLAINTEXT, SASL_SSL (SCRAM-SHA-512),
+//!   SSL (client certificates required) and SASL_PLAINTEXT (PLAIN) listeners and a
+//!   throwaway CA per broker; and librdkafka's in-process mock cluster for fault injection.
 //! - [`postgres`]: a PostgreSQL server (shared, one fresh database per test) or a dedicated
 //!   one a test may stop and start.
 //! - [`mariadb`]: a MariaDB server (shared, one fresh database per test) for the MySQL sink.
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 
 pub use self::kube::{Identity, KubeApiServer};
 pub use ferretdb::FerretDbServer;
-pub use kafka::{KafkaServer, TestKafka};
+pub use kafka::{KafkaSecurity, KafkaServer, TestKafka};
 pub use mariadb::{MariaDbServer, TestMySqlDatabase};
 pub use postgres::{PostgresServer, TestDatabase};
 pub use redis::RedisServer;
@@ -42,6 +43,10 @@ pub use redis::RedisServer;
 pub mod env {
     /// Bootstrap address of the shared Kafka broker.
     pub const KAFKA_BOOTSTRAP: &str = "WEIR_TEST_KAFKA_BOOTSTRAP";
+    /// A JSON file describing the shared broker's secured listeners and their throwaway
+    /// credentials (`kafka::KafkaSecurity`: SASL_SSL/SCRAM-SHA-512, SSL with client
+    /// certificates, SASL_PLAINTEXT/PLAIN).
+    pub const KAFKA_SECURITY: &str = "WEIR_TEST_KAFKA_SECURITY";
     /// URL of the shared PostgreSQL server's `postgres` database (superuser, trust auth).
     pub const POSTGRES_URL: &str = "WEIR_TEST_POSTGRES_URL";
     /// URL of the shared MariaDB server's `mysql` database (root, no password).

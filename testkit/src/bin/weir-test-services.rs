@@ -38,10 +38,15 @@ fn main() -> anyhow::Result<()> {
     let ferretdb = ferretdb
         .map_err(|_| anyhow::anyhow!("the FerretDB start panicked"))?
         .context("starting FerretDB")?;
+    let security = kafka
+        .security_file()
+        .context("the broker has no secured listeners")?;
     let lines = format!(
-        "{}={}\n{}={}\n{}={}\n{}={}\n",
+        "{}={}\n{}={}\n{}={}\n{}={}\n{}={}\n",
         env::KAFKA_BOOTSTRAP,
         kafka.bootstrap(),
+        env::KAFKA_SECURITY,
+        security.display(),
         env::POSTGRES_URL,
         postgres.url("postgres"),
         env::MYSQL_URL,

@@ -202,6 +202,9 @@ struct Inner {
     label: String,
     throttle: Mutex<Throttle>,
     last: Mutex<Option<(Failure, Instant)>>,
+    /// The last failure that needs a change (credentials, certificates): the generic
+    /// "all brokers are down" that follows it must not hide it.
+    last_specific: Mutex<Option<(Failure, Instant)>>,
     /// Bumped on every failure, so a caller can wait for one.
     failures: tokio::sync::watch::Sender<u64>,
 }
@@ -217,6 +220,7 @@ impl Observer {
             label: label.into(),
             throttle: Mutex::new(Throttle::new(interval)),
             last: Mutex::new(None),
+            last_specific: Mutex::new(None),
             failures: tokio::sync::watch::Sender::new(0),
         }))
     }
@@ -225,12 +229,17 @@ impl Observer {
         &self.0.label
     }
 
-    /// The last failure seen at or after `since`.
+    /// The failure seen at or after `since`: the last one that needs a change
+    /// (credentials, certificates) if any, else the last one.
     pub fn failure_since(&self, since: Instant) -> Option<Failure> {
-        let last = self.0.last.lock().ok()?;
-        last.as_ref()
-            .filter(|(_, at)| *at >= since)
-            .map(|(failure, _)| failure.clone())
+        let recent = |slot: &Mutex<Option<(Failure, Instant)>>| {
+            slot.lock()
+                .ok()?
+                .as_ref()
+                .filter(|(_, at)| *at >= since)
+                .map(|(f, _)| f.clone())
+        };
+        recent(&self.0.last_specific).or_else(|| recent(&self.0.last))
     }
 
     /// Changes with every failure reported.
@@ -246,6 +255,11 @@ impl Observer {
         };
         let now = Instant::now();
         if let Ok(mut last) = self.0.last.lock() {
+            *last = Some((failure.clone(), now));
+        }
+        if failure.cause.needs_a_change()
+            && let Ok(mut last) = self.0.last_specific.lock()
+        {
             *last = Some((failure.clone(), now));
         }
         self.0.failures.send_modify(|n| *n += 1);
@@ -285,8 +299,10 @@ impl Observer {
             .lock()
             .ok()
             .and_then(|mut t| t.recovered(Instant::now()));
-        if let Ok(mut last) = self.0.last.lock() {
-            *last = None;
+        for slot in [&self.0.last, &self.0.last_specific] {
+            if let Ok(mut last) = slot.lock() {
+                *last = None;
+            }
         }
         if let Some(ThrottleReport::Recovered { failures, lasted }) = report {
             tracing::info!(
