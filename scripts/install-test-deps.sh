@@ -70,7 +70,7 @@ else
 fi
 
 # FerretDB (testkit/ferretdb/build.sh skips the build when done).
-ferretdb_version="$(sed -n 's/^require github\.com\/FerretDB\/FerretDB v\([0-9][0-9.]*\)$/\1/p' "$root/testkit/ferretdb/go.mod")"
+ferretdb_version="$(sed -n 's/^require github\.com\/FerretDB\/FerretDB v\([0-9][0-9.]*\)$/\1/p' "$root/testkit/ferretdb/go.mod")-pg"
 if [ -x "$tools/ferretdb-$ferretdb_version/bin/ferretdb" ]; then
   say "ferretdb $ferretdb_version: present in $tools/ferretdb-$ferretdb_version/bin"
 elif ! command -v go >/dev/null; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds FerretDB (the MongoDB wire protocol on SQLite; main.go calls its embeddable
-# package) from this Go module into <tools>/ferretdb-<version>/bin/ferretdb, where <tools>
-# is $WEIR_TOOLS_DIR (default ~/.cache/weir-tools) and <version> is the FerretDB version in
+# Builds FerretDB (the MongoDB wire protocol on PostgreSQL or SQLite; main.go calls its
+# embeddable package) from this Go module into <tools>/ferretdb-<version>-<build>/bin/ferretdb,
+# where <tools> is $WEIR_TOOLS_DIR (default ~/.cache/weir-tools) and <version> is the FerretDB version in
 # go.mod. Skipped when already built; concurrent callers serialise on a lock file and
 # whoever waits finds it built. About a minute the first time on 2 cores.
 #
@@ -10,13 +10,16 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The build of main.go, in the directory's name so that a changed main.go builds afresh;
+# keep in step with FERRETDB_BUILD in testkit/src/ferretdb.rs and scripts/install-test-deps.sh.
+build=pg
 tools="${WEIR_TOOLS_DIR:-$HOME/.cache/weir-tools}"
 version="$(sed -n 's/^require github\.com\/FerretDB\/FerretDB v\([0-9][0-9.]*\)$/\1/p' "$here/go.mod")"
 if [ -z "$version" ]; then
   echo "ferretdb/build.sh: no FerretDB version in $here/go.mod" >&2
   exit 1
 fi
-dest="$tools/ferretdb-$version"
+dest="$tools/ferretdb-$version-$build"
 [ -x "$dest/bin/ferretdb" ] && exit 0
 
 command -v go >/dev/null || {

@@ -1,12 +1,16 @@
-//! FerretDB (for the MongoDB sink): the MongoDB wire protocol on SQLite, built from Go
-//! modules into the tools directory (testkit/ferretdb), one server per test process with a
-//! fresh database name per test.
+//! FerretDB (for the MongoDB sink): the MongoDB wire protocol on a PostgreSQL server of its
+//! own, built from Go modules into the tools directory (testkit/ferretdb), one server per
+//! test run with a fresh database name per test. PostgreSQL, not SQLite, underneath:
+//! FerretDB's SQLite backend scans the whole collection for every update whose filter is
+//! not a lone string `_id`, so a batch of 2000 upserts took minutes; on PostgreSQL a
+//! filter's equalities become SQL.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::postgres::PostgresServer;
 use crate::process::{Supervised, run, which};
 use crate::{HarnessError, Result, env, free_port, tools_dir, unique_name};
 
@@ -15,11 +19,17 @@ const PART: &str = "ferretdb";
 /// The FerretDB version testkit/ferretdb/go.mod builds.
 pub const FERRETDB_VERSION: &str = "1.24.2";
 
-/// A FerretDB server on a loopback port with its SQLite files in a temporary directory
-/// (no authentication). Dropping it stops it and deletes the data.
+/// The build of testkit/ferretdb/main.go: part of the installed directory's name (as in
+/// testkit/ferretdb/build.sh), so that a changed main.go is built afresh.
+pub const FERRETDB_BUILD: &str = "pg";
+
+/// A FerretDB server on a loopback port storing on a PostgreSQL server of its own (no
+/// authentication). Dropping it stops both and deletes the data.
 #[derive(Debug)]
 pub struct FerretDbServer {
+    // Declared first, so dropped first: FerretDB stops before its PostgreSQL.
     _process: Supervised,
+    _postgres: PostgresServer,
     port: u16,
 }
 
@@ -27,6 +37,7 @@ impl FerretDbServer {
     /// Starts a server, building FerretDB first when the tools directory lacks it.
     pub fn start() -> Result<FerretDbServer> {
         let binary = binary()?;
+        let postgres = PostgresServer::start()?;
         let dir = tempfile::Builder::new()
             .prefix("weir-ferretdb-")
             .tempdir()
@@ -38,6 +49,8 @@ impl FerretDbServer {
             format!("127.0.0.1:{port}"),
             "-dir".to_owned(),
             dir.display().to_string(),
+            "-postgresql-url".to_owned(),
+            postgres.url("postgres"),
         ];
         let mut process = Supervised::spawn(
             PART,
@@ -55,6 +68,7 @@ impl FerretDbServer {
         }
         Ok(FerretDbServer {
             _process: process,
+            _postgres: postgres,
             port,
         })
     }
@@ -104,7 +118,7 @@ impl FerretDbServer {
 /// lock, so concurrent callers build once).
 fn binary() -> Result<PathBuf> {
     let binary = tools_dir()
-        .join(format!("ferretdb-{FERRETDB_VERSION}"))
+        .join(format!("ferretdb-{FERRETDB_VERSION}-{FERRETDB_BUILD}"))
         .join("bin/ferretdb");
     if binary.is_file() {
         return Ok(binary);
