@@ -62,7 +62,8 @@ struct State {
 }
 
 /// The receiver: answers 400 with a JSON error to any request whose body holds
-/// `"poison":true`, else follows its script, else 200.
+/// `"poison":true`, 500 to one holding `"crash":true` (a receiver's bug a record triggers),
+/// else follows its script, else 200.
 struct Receiver {
     port: u16,
     state: Arc<Mutex<State>>,
@@ -177,9 +178,11 @@ async fn connection(stream: TcpStream, state: Arc<Mutex<State>>) {
         }
         let (status, extra, text) = {
             let Ok(mut state) = state.lock() else { return };
-            let poisoned = String::from_utf8_lossy(&body).contains("\"poison\":true");
-            let (status, extra, text) = if poisoned {
+            let text = String::from_utf8_lossy(&body);
+            let (status, extra, text) = if text.contains("\"poison\":true") {
                 (400, vec![], r#"{"error":"title too long"}"#.to_owned())
+            } else if text.contains("\"crash\":true") {
+                (500, vec![], "NullPointerException".to_owned())
             } else {
                 match state.script.pop_front() {
                     Some((status, extra)) => (status, extra, format!("scripted {status}")),
@@ -211,10 +214,20 @@ async fn connection(stream: TcpStream, state: Arc<Mutex<State>>) {
 
 /// `{"id": i}` events keyed `k<i % keys>`, those in `poison` marked for the receiver to refuse.
 fn events(ids: std::ops::Range<i64>, keys: i64, poison: &[i64]) -> Vec<(String, Vec<u8>)> {
+    marked(ids, keys, poison, "poison")
+}
+
+/// [`events`] with those in `which` marked `"<mark>": true`.
+fn marked(
+    ids: std::ops::Range<i64>,
+    keys: i64,
+    which: &[i64],
+    mark: &str,
+) -> Vec<(String, Vec<u8>)> {
     ids.map(|id| {
         let mut event = json!({"id": id});
-        if poison.contains(&id) {
-            event["poison"] = json!(true);
+        if which.contains(&id) {
+            event[mark] = json!(true);
         }
         (format!("k{}", id % keys), event.to_string().into_bytes())
     })
@@ -556,5 +569,62 @@ async fn a_wrong_url_or_a_missing_secret_header_stops_the_worker_naming_it() -> 
         );
     }
     assert_eq!(receiver.accepted().len(), 0);
+    Ok(())
+}
+
+/// A record the receiver answers 500 on every try is dead-lettered alone once
+/// `retry.attempts` tries are spent, in both modes: the records delivered by earlier tries
+/// are not dead-lettered with it, and are not sent again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_failing_with_500_on_every_try_is_dead_lettered_alone() -> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    for mode in ["Batch", "PerRecord"] {
+        let name = format!("http-crash-{}", mode.to_lowercase());
+        let topic = kafka.create_topic(&name, 1, &[]).await?;
+        let dead_letter = kafka.create_topic(&format!("{name}-dlq"), 1, &[]).await?;
+        let receiver = Receiver::start(vec![]).await?;
+        produce(&kafka, &topic, &marked(0..20, 4, &[5], "crash")).await?;
+        let dir = tempfile::tempdir()?;
+        let spec = http_pipeline(
+            &name,
+            &topic,
+            json!({"url": receiver.url(), "mode": mode}),
+            json!({
+                "deadLetter": {"topic": dead_letter},
+                "retry": {"attempts": 3, "initialBackoff": "50ms", "maxBackoff": "1s"},
+            }),
+        );
+        let mut worker = Worker::start(dir.path(), &kafka, &spec, &[])?;
+        wait_committed_async(&kafka, &format!("test.{name}"), &topic, 20)
+            .await
+            .with_context(|| worker.log_text())?;
+
+        let dead = read_topic(&kafka, &dead_letter, 1)?;
+        let (value, headers) = &dead[0];
+        let event: Value = serde_json::from_slice(value.as_deref().unwrap_or_default())?;
+        assert_eq!(event["id"], json!(5), "{mode}");
+        let message = headers
+            .get("weir.error.message")
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            message.contains("HTTP 500") && message.contains("NullPointerException"),
+            "{mode}: {message}"
+        );
+        assert_eq!(headers.get("weir.attempts").map(String::as_str), Some("3"));
+        assert_each_once(&receiver, (0..20).filter(|id| *id != 5));
+        let failed = receiver
+            .received()
+            .iter()
+            .filter(|r| r.ids().contains(&5))
+            .count();
+        assert!(failed >= 3, "{mode}: record 5 tried {failed} times");
+        assert_eq!(
+            worker.metric("weir_records_dead_lettered_total"),
+            Some(1),
+            "{mode}: only record 5 is dead-lettered"
+        );
+        worker.stop()?;
+    }
     Ok(())
 }

@@ -5,8 +5,10 @@
 //! halves until the refused records stand alone, so only they go to the dead-letter topic.
 //! A write that fails part-way (a 5xx, the receiver gone) is retried by the engine with the
 //! same input; what this sink already delivered or saw refused in the failed write is
-//! remembered and not sent again, so a retry sends only the rest. `Retry-After` closes a
-//! gate: no request leaves before the time it asks for (at most `retry.maxBackoff` away).
+//! remembered and not sent again, so a retry sends only the rest; on the last try the
+//! engine allows (`retry.attempts`), what still fails with a 5xx is refused rather than the
+//! write, so only those records are dead-lettered. `Retry-After` closes a gate: no request
+//! leaves before the time it asks for (at most `retry.maxBackoff` away).
 
 pub mod answer;
 
@@ -44,6 +46,17 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A record's place in its topic: what the sink remembers between the tries of one write.
 type Position = (String, i32, i64);
+
+/// What the sink remembers between the tries of one input.
+#[derive(Debug, Default)]
+struct Memory {
+    /// The positions of the input being tried, in order.
+    input: Vec<Position>,
+    /// Tries of that input so far, counted as the engine's retry loop counts them.
+    tries: u32,
+    /// Its records already delivered or refused by an earlier try.
+    settled: HashMap<Position, Settled>,
+}
 
 /// What became of a record in a write that then failed as a whole.
 #[derive(Clone, Debug)]
@@ -84,8 +97,11 @@ pub struct HttpSink {
     secret_headers: Vec<(String, HeaderName, SecretSource)>,
     headers: tokio::sync::OnceCell<HeaderMap>,
     client: HttpClient,
-    /// Records of the current input already delivered or refused by an earlier try.
-    settled: Mutex<HashMap<Position, Settled>>,
+    /// `retry.attempts`: on the last try a request still failing with a 5xx refuses its
+    /// records instead of failing the write, so that only they are dead-lettered, not
+    /// records delivered by earlier tries.
+    attempts: u32,
+    memory: Mutex<Memory>,
     /// No request is sent before this instant (set from `Retry-After`).
     not_before: Mutex<Option<tokio::time::Instant>>,
 }
@@ -221,7 +237,8 @@ impl HttpSink {
             secret_headers,
             headers: tokio::sync::OnceCell::new(),
             client: client(https, timeout)?,
-            settled: Mutex::new(HashMap::new()),
+            attempts: pipeline.retry.attempts.max(1) as u32,
+            memory: Mutex::new(Memory::default()),
             not_before: Mutex::new(None),
         })
     }
@@ -250,21 +267,27 @@ impl HttpSink {
     }
 
     async fn write_batch(&self, input: &[WriteInput<'_>]) -> Result<Written, SinkError> {
-        let pending: Vec<&WriteInput<'_>> = {
-            let mut settled = self.lock_settled();
-            // What an earlier input left (its write was given up) is forgotten.
-            let current: std::collections::HashSet<Position> = input.iter().map(position).collect();
-            settled.retain(|p, _| current.contains(p));
-            input
+        let (pending, last) = {
+            let mut memory = self.lock_memory();
+            let current: Vec<Position> = input.iter().map(position).collect();
+            if memory.input != current {
+                *memory = Memory {
+                    input: current,
+                    ..Memory::default()
+                };
+            }
+            memory.tries += 1;
+            let pending: Vec<&WriteInput<'_>> = input
                 .iter()
-                .filter(|item| !settled.contains_key(&position(item)))
-                .collect()
+                .filter(|item| !memory.settled.contains_key(&position(item)))
+                .collect();
+            (pending, memory.tries >= self.attempts)
         };
         match self.mode {
-            HttpMode::Batch => self.send_batches(&pending).await?,
-            HttpMode::PerRecord => self.send_each(&pending).await?,
+            HttpMode::Batch => self.send_batches(&pending, last).await?,
+            HttpMode::PerRecord => self.send_each(&pending, last).await?,
         }
-        let settled = std::mem::take(&mut *self.lock_settled());
+        let settled = std::mem::take(&mut *self.lock_memory()).settled;
         let rejected = input
             .iter()
             .filter_map(|item| match settled.get(&position(item)) {
@@ -283,8 +306,10 @@ impl HttpSink {
     }
 
     /// Batch mode: one request for all of `items`; a refused request is sent again in
-    /// halves, in order, until each refused record stands alone.
-    async fn send_batches(&self, items: &[&WriteInput<'_>]) -> Result<(), SinkError> {
+    /// halves, in order, until each refused record stands alone. On the `last` try a
+    /// request still failing with a 5xx is split the same way, and the records that still
+    /// fail alone are refused.
+    async fn send_batches(&self, items: &[&WriteInput<'_>], last: bool) -> Result<(), SinkError> {
         let mut ranges = VecDeque::new();
         if !items.is_empty() {
             ranges.push_back(0..items.len());
@@ -297,7 +322,17 @@ impl HttpSink {
                 Outcome::Refused(reason) if part.len() == 1 => {
                     self.settle(part, Settled::Refused(reason));
                 }
+                Outcome::Failed(e)
+                    if last && e.class == ErrorClass::Transient && part.len() == 1 =>
+                {
+                    self.settle(part, Settled::Refused(e.message));
+                }
                 Outcome::Refused(_) => {
+                    let middle = range.start + part.len() / 2;
+                    ranges.push_front(middle..range.end);
+                    ranges.push_front(range.start..middle);
+                }
+                Outcome::Failed(e) if last && e.class == ErrorClass::Transient => {
                     let middle = range.start + part.len() / 2;
                     ranges.push_front(middle..range.end);
                     ranges.push_front(range.start..middle);
@@ -311,8 +346,9 @@ impl HttpSink {
     /// PerRecord mode: one request per record, up to `concurrency` at once; the records of
     /// one key (of one partition, for records without a key) one after the other, in order.
     /// A failed request stops its key's chain; the other chains go on, so a retry has less
-    /// to send.
-    async fn send_each(&self, items: &[&WriteInput<'_>]) -> Result<(), SinkError> {
+    /// to send. On the `last` try a record still failing with a 5xx is refused and its key's
+    /// chain goes on.
+    async fn send_each(&self, items: &[&WriteInput<'_>], last: bool) -> Result<(), SinkError> {
         let mut chains: Vec<Vec<&WriteInput<'_>>> = Vec::new();
         let mut chain_of: HashMap<(&str, i32, Option<&[u8]>), usize> = HashMap::new();
         for item in items {
@@ -331,7 +367,7 @@ impl HttpSink {
         }
         let sends: Vec<_> = chains
             .into_iter()
-            .map(|chain| self.send_chain(chain))
+            .map(|chain| self.send_chain(chain, last))
             .collect();
         let failures: Vec<SinkError> = futures::stream::iter(sends)
             .buffer_unordered(self.concurrency)
@@ -353,12 +389,15 @@ impl HttpSink {
     }
 
     /// Sends one key's records in order; stops at the first failed request.
-    async fn send_chain(&self, chain: Vec<&WriteInput<'_>>) -> Option<SinkError> {
+    async fn send_chain(&self, chain: Vec<&WriteInput<'_>>, last: bool) -> Option<SinkError> {
         for item in chain {
             let body = Bytes::from(serde_json::to_vec(item.event).unwrap_or_default());
             match self.send(body, self.record_key(item)).await {
                 Outcome::Delivered => self.settle(&[item], Settled::Delivered),
                 Outcome::Refused(reason) => self.settle(&[item], Settled::Refused(reason)),
+                Outcome::Failed(e) if last && e.class == ErrorClass::Transient => {
+                    self.settle(&[item], Settled::Refused(e.message));
+                }
                 Outcome::Failed(e) => return Some(e),
             }
         }
@@ -419,14 +458,14 @@ impl HttpSink {
     }
 
     fn settle(&self, items: &[&WriteInput<'_>], fate: Settled) {
-        let mut settled = self.lock_settled();
+        let mut memory = self.lock_memory();
         for item in items {
-            settled.insert(position(item), fate.clone());
+            memory.settled.insert(position(item), fate.clone());
         }
     }
 
-    fn lock_settled(&self) -> std::sync::MutexGuard<'_, HashMap<Position, Settled>> {
-        self.settled
+    fn lock_memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
