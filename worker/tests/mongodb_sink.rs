@@ -1,6 +1,5 @@
-//! The MongoDB sink's modes (a sink `validate()` still refuses in this version), tested
-//! against FerretDB (the MongoDB wire protocol on SQLite,
-//! see testkit/ferretdb) through the official Rust driver: Insert refuses a duplicate `_id`
+//! The MongoDB sink's modes, tested against FerretDB (the MongoDB wire protocol, see
+//! testkit/ferretdb) through the official Rust driver: Insert refuses a duplicate `_id`
 //! alone and the rest of the batch lands; Upsert replaces or `$set`s by key; Update and
 //! Delete match by key; Rules choose per event; the stale-write guard keeps every document
 //! at its newest version when the stream is replayed.
@@ -41,15 +40,8 @@ async fn build(target: &TestCollection, sink: Value) -> anyhow::Result<BoxedSink
         "source": {"topics": ["t"]},
         "sinks": [{"mongodb": sink}]
     }))?;
-    // This version refuses the mongodb sink (not yet proven end to end through the
-    // worker); apart from that refusal the spec is valid.
-    if let Err(problems) = spec.validate() {
-        let others: Vec<_> = problems
-            .iter()
-            .filter(|p| p.path != "spec.sinks[0].mongodb")
-            .collect();
-        anyhow::ensure!(others.is_empty(), "{problems}");
-    }
+    spec.validate()
+        .map_err(|problems| anyhow::anyhow!("{problems}"))?;
     let sink = weir_worker::sink::build(&spec, "test-group")
         .map_err(anyhow::Error::msg)?
         .remove(0)

@@ -1,5 +1,9 @@
 //! The MongoDB sink: each record becomes one insert, update (upsert or not) or delete
-//! statement; a batch's statements are sent in batch order as MongoDB's `insert`, `update`
+//! statement, an update or delete touching every document its key fields match (with the
+//! default `_id`, the one document), except a replacing upsert, which MongoDB applies to
+//! one (FerretDB 1.24, the server tested, holds a connection for each single-document
+//! update that matched until its command ends, so a command of more such statements than
+//! its pool has never finishes there: `multi` updates release theirs at once); a batch's statements are sent in batch order as MongoDB's `insert`, `update`
 //! and `delete` commands, each ordered and holding a run of consecutive statements of its
 //! kind, so one key's writes apply in order. A statement the server refuses (duplicate
 //! key, failed validation) refuses its record alone: the run resumes after it. The
@@ -240,7 +244,7 @@ impl MongoDbSink {
             return Ok(Some(Statement {
                 index: item.index,
                 command: Command::Delete,
-                bodies: vec![doc! {"q": filter, "limit": 1}],
+                bodies: vec![doc! {"q": filter, "limit": 0}],
                 guarded: Guarded::No,
             }));
         }
@@ -277,19 +281,22 @@ impl MongoDbSink {
             (_, _) if rest.is_empty() => return Ok(None),
             (_, _) => (doc! {"$set": rest.clone()}, false),
         };
+        // MongoDB refuses `multi` with a replacement document: a replacing upsert touches
+        // the one document it finds.
+        let multi = !(kind == Kind::Upsert && self.spec.upsert == MongoUpsert::Replace);
         let (bodies, guarded) = match (self.spec.guard.is_some(), upsert) {
             (false, _) => (
-                vec![doc! {"q": filter, "u": update, "upsert": upsert}],
+                vec![doc! {"q": filter, "u": update, "upsert": upsert, "multi": multi}],
                 Guarded::No,
             ),
             (true, false) => (
-                vec![doc! {"q": filter, "u": update, "upsert": false}],
+                vec![doc! {"q": filter, "u": update, "upsert": false, "multi": multi}],
                 Guarded::Update,
             ),
             (true, true) => (
                 vec![
-                    doc! {"q": filter, "u": update, "upsert": false},
-                    doc! {"q": by_key, "u": {"$setOnInsert": rest}, "upsert": true},
+                    doc! {"q": filter, "u": update, "upsert": false, "multi": multi},
+                    doc! {"q": by_key, "u": {"$setOnInsert": rest}, "upsert": true, "multi": true},
                 ],
                 Guarded::Upsert,
             ),
