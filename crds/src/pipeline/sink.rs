@@ -275,7 +275,8 @@ pub struct MongoSink {
     #[serde(default)]
     pub mode: MongoMode,
     /// Top-level fields of the document that identify it, matched by Upsert, Update and
-    /// Delete. Defaults to `_id`.
+    /// Delete: an Update, a Set upsert or a Delete applies to every document they match
+    /// (with `_id`, the one document), a Replace upsert to one. Defaults to `_id`.
     #[serde(default = "default_key_fields")]
     #[schemars(length(min = 1, max = 16))]
     pub key_fields: Vec<String>,
