@@ -13,6 +13,7 @@
 //!   checked against it).
 
 pub mod apply;
+pub mod autoscale;
 pub mod conditions;
 pub mod config;
 pub mod connection;
