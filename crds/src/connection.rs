@@ -46,13 +46,12 @@ pub struct KafkaConnectionSpec {
     /// Bootstrap brokers as host:port, e.g. `kafka-0.kafka:9092`.
     #[schemars(length(min = 1))]
     pub bootstrap_servers: Vec<String>,
-    /// TLS to the brokers. Omit for plaintext. The operator's topic management uses it;
-    /// this version's worker cannot yet, so a pipeline on a TLS connection is reported as
-    /// `Ready=False ConnectionNotSupported` and gets no workers.
+    /// TLS to the brokers (`SSL`, or `SASL_SSL` with `sasl`). Omit for plaintext. With
+    /// `clientCert` and `clientKey`, mutual TLS. The operator and the workers both use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
-    /// SASL authentication. Omit for none. As with `tls`: topics only in this version; a
-    /// pipeline on a SASL connection is reported as `ConnectionNotSupported`.
+    /// SASL authentication (`SASL_PLAINTEXT`, or `SASL_SSL` with `tls`). Omit for none.
+    /// The operator and the workers both use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl: Option<SaslConfig>,
     /// Extra librdkafka client properties, e.g. `client.rack` or `socket.keepalive.enable`.

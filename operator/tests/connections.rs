@@ -71,8 +71,9 @@ async fn ready_with_brokers_and_a_new_secret_is_picked_up() -> anyhow::Result<()
     secret.metadata.name = Some("kafka-password".into());
     secret.string_data = Some([("password".to_owned(), "s3cret".to_owned())].into());
     secrets.create(&PostParams::default(), &secret).await?;
-    // The broker speaks no SASL, so the connection now fails further on: it is no longer
-    // the Secret. The retry after a failure is 20 s away; the watch answers at once.
+    // This listener speaks no SASL, so the connection now fails further on: it is no
+    // longer the Secret, it is the SASL handshake. The retry after a failure is 20 s away;
+    // the watch answers at once.
     let (_, reason, message) = eventually_within(
         Duration::from_secs(15),
         "the new Secret to be used",
@@ -83,7 +84,8 @@ async fn ready_with_brokers_and_a_new_secret_is_picked_up() -> anyhow::Result<()
         },
     )
     .await?;
-    assert_eq!(reason, "Unreachable", "{message}");
+    assert_eq!(reason, "AuthenticationFailed", "{message}");
+    assert!(message.contains("SASL"), "{message}");
     assert!(
         !message.contains("s3cret"),
         "the password leaked into status: {message}"

@@ -17,8 +17,8 @@ pub struct Refusal {
     pub spec: bool,
 }
 
-/// The checks, in order: the spec (the worker's own `validate()`, CEL included), the
-/// connection's existence, and what the worker of this version can use.
+/// The checks, in order: the spec (the worker's own `validate()`, CEL included) and the
+/// connection's existence (the worker uses TLS and SASL as the operator does).
 pub fn validate(
     pipeline: &EventPipeline,
     refs: &Dereferenced,
@@ -41,16 +41,5 @@ pub fn validate(
             spec: false,
         });
     };
-    // The worker of this version connects over plaintext only: a Deployment rendered for
-    // a TLS or SASL connection would only restart, refusing it at start.
-    if connection.spec.tls.is_some() || connection.spec.sasl.is_some() {
-        return Err(Refusal {
-            reason: "ConnectionNotSupported",
-            message: format!(
-                "KafkaConnection {namespace}/{name} uses TLS or SASL, which this version's worker cannot use yet: reference a plaintext KafkaConnection (spec.connectionRef)"
-            ),
-            spec: false,
-        });
-    }
     Ok(connection)
 }
