@@ -9,25 +9,26 @@
 //! revoked partitions and on close. So a worker killed at any instant resumes from a point
 //! before anything unacknowledged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use rdkafka::consumer::{CommitMode, Consumer as _};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::batch::{Batch, Limits};
+use crate::commit::{self, BeforeCommit, Commit, CommitError, Offsets, Positions, Transaction};
 use crate::config::WorkerConfig;
 use crate::dead_letter::{DeadLetter, Failure};
 use crate::metrics::{Metrics, SinkCounters};
 use crate::record::Record;
 use crate::retry::{Backoff, ErrorClass, Limit, Retrier, Stopped};
 use crate::shards::{Prepared, Shards};
-use crate::sink::{Sink, SinkError, WriteInput};
+use crate::sink::{Rejected, Sink, SinkError, WriteInput};
 use crate::source::{self, Consumer, Revocations};
 use crate::transform::Transformer;
 
@@ -53,6 +54,9 @@ pub enum EngineError {
         "stopped while {0} could not be reached; the batch in flight was not committed and will be read again"
     )]
     StoppedWhileUnavailable(String),
+    /// Another worker owns the partitions now: nothing of the batch was committed.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// A pipeline being run.
@@ -72,6 +76,13 @@ pub struct Engine {
     shards: Shards,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    /// How a batch's offsets become durable.
+    commit: Commit,
+    /// With offsets kept by the sink: the sink, asked for them on assignment.
+    keeper: Option<(String, Arc<dyn Sink>)>,
+    /// With offsets kept by the sink: where each claimed partition resumes.
+    positions: Positions,
+    retrier: Retrier,
 }
 
 impl std::fmt::Debug for Engine {
@@ -91,15 +102,37 @@ impl Engine {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, EngineError> {
         let transformer = Transformer::from_spec(&config.spec).map_err(EngineError::Setup)?;
-        let sinks = crate::sink::build(&config.spec, &config.consumer_group())
+        let group = config.consumer_group();
+        let connection = crate::sink::kafka::Connection {
+            client: config.kafka.clone(),
+            // Stable across restarts with static membership, so a restarted worker fences
+            // its predecessor's producer.
+            transactional_id: format!(
+                "weir-{group}-{}",
+                config
+                    .instance_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+            ),
+        };
+        let sinks = crate::sink::build_in(&config.spec, &group, Some(&connection))
             .map_err(EngineError::Setup)?
             .into_iter()
             .map(|named| SinkSlot {
                 counters: metrics.sink(&named.name),
                 name: named.name,
-                sink: named.sink,
+                sink: Arc::from(named.sink),
             })
             .collect::<Vec<SinkSlot>>();
+        let named: Vec<(&str, Commit)> = sinks
+            .iter()
+            .map(|slot| (slot.name.as_str(), slot.sink.commit()))
+            .collect();
+        let commit = commit::choose(config.spec.delivery, &named).map_err(EngineError::Setup)?;
+        let keeper = match (commit, sinks.first()) {
+            (Commit::InSinkTransaction, Some(slot)) => Some((slot.name.clone(), slot.sink.clone())),
+            _ => None,
+        };
         let dead_letter = config
             .spec
             .dead_letter
@@ -124,17 +157,19 @@ impl Engine {
         let gate = Arc::new(tokio::sync::Mutex::new(()));
         let (consumer, revocations) = source::consumer(&config, metrics.clone(), gate.clone())?;
         let consumer = Arc::new(consumer);
+        let retrier = Retrier::new(
+            Backoff::from_spec(&config.spec.retry),
+            shutdown.clone(),
+            metrics.clone(),
+        );
         let writer = Writer {
             pipeline: config.name.clone(),
             sinks,
             dead_letter,
-            retrier: Retrier::new(
-                Backoff::from_spec(&config.spec.retry),
-                shutdown.clone(),
-                metrics.clone(),
-            ),
+            retrier: retrier.clone(),
             metrics: metrics.clone(),
             consumer: consumer.clone(),
+            commit,
         };
         Ok(Self {
             config,
@@ -147,6 +182,10 @@ impl Engine {
             shards,
             metrics,
             shutdown,
+            commit,
+            keeper,
+            positions: Positions::default(),
+            retrier,
         })
     }
 
@@ -171,7 +210,8 @@ impl Engine {
         }
         let settled = self.settle().await;
         let flushed = flushed.and(settled);
-        if flushed.is_ok() {
+        // With a Kafka transaction the group's offsets are committed by the transactions.
+        if flushed.is_ok() && self.commit != Commit::KafkaTransaction {
             match self.consumer.commit_consumer_state(CommitMode::Sync) {
                 Ok(()) => Metrics::add(&self.metrics.commits, 1),
                 // Nothing stored since the last automatic commit.
@@ -189,7 +229,15 @@ impl Engine {
                 slot.sink.close().await;
             }
         }
-        flushed
+        match flushed {
+            // Another worker owns the partitions: exiting is the clean way out, a restarted
+            // worker joins the group afresh.
+            Err(EngineError::Fenced(reason)) => {
+                tracing::warn!(%reason, "fenced by the partitions' new owner: nothing of the batch in flight was committed; exiting");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Waits for the batch being written, taking the writer back.
@@ -230,6 +278,7 @@ impl Engine {
                 }
                 message = self.consumer.recv() => {
                     let first = message.map(|m| source::owned(&m));
+                    self.claim_assigned().await?;
                     self.take(first);
                     // Take whatever else is already fetched without going back through the
                     // select (one timer and one wake-up per record would cost more than
@@ -239,6 +288,7 @@ impl Engine {
                             Some(message) => message.map(|m| source::owned(&m)),
                             None => break,
                         };
+                        self.claim_assigned().await?;
                         self.take(next);
                     }
                     self.forget_revoked();
@@ -276,6 +326,7 @@ impl Engine {
                     // Revocations are applied by `flush` once this write is done, to
                     // the batch being prepared too.
                     let record = message.map(|m| source::owned(&m));
+                    self.claim_assigned().await?;
                     self.take(record);
                 }
             }
@@ -313,12 +364,61 @@ impl Engine {
 
     fn take(&mut self, message: Result<Record, rdkafka::error::KafkaError>) {
         match message {
+            // Read again from the group's older offset before the seek to the sink's took
+            // effect: applied already.
+            Ok(record) if !self.positions.keeps(&record) => {}
             Ok(record) => {
                 Metrics::add(&self.metrics.consumed, 1);
                 self.batch.push(record);
             }
             Err(e) => self.consumer.context().consumer_error(&e),
         }
+    }
+
+    /// With offsets kept by the sink: claims the partitions assigned since the last look
+    /// (fencing out their previous owner) and seeks each to the offset stored with the
+    /// data. Runs before any record of theirs joins a batch.
+    async fn claim_assigned(&mut self) -> Result<(), EngineError> {
+        let Some((name, sink)) = &self.keeper else {
+            return Ok(());
+        };
+        let assigned = self.consumer.context().take_assigned();
+        if assigned.is_empty() {
+            return Ok(());
+        }
+        let tried = self
+            .retrier
+            .run(name, Limit::Succeeded, || sink.claim(&assigned))
+            .await
+            .map_err(|e| stopped(name, e))?;
+        let stored = tried.outcome.map_err(|e| EngineError::Fatal {
+            sink: name.clone(),
+            message: e.message,
+        })?;
+        for ((topic, partition), next) in assigned.iter().zip(stored) {
+            self.positions.set(topic, *partition, next);
+            let Some(next) = next else {
+                tracing::info!(%topic, partition, "claimed; no offset stored with the data yet: resuming from the group's");
+                continue;
+            };
+            tracing::info!(%topic, partition, next, "claimed; resuming from the offset stored with the data");
+            // The group's offset may lag the one stored with the data (a worker stopped
+            // between the two commits): bring it up, so lag is right even when nothing
+            // more arrives on this partition.
+            let mut stored = Offsets::default();
+            stored.0.insert((topic.clone(), *partition), next);
+            commit::store(&self.consumer, &stored, &self.metrics);
+            // Records before `next` that arrive anyway are dropped by `take`.
+            if let Err(e) = self.consumer.seek(
+                topic,
+                *partition,
+                rdkafka::Offset::Offset(next),
+                Duration::from_secs(10),
+            ) {
+                tracing::warn!(%topic, partition, next, error = %e, "cannot seek; records before the stored offset are read and dropped");
+            }
+        }
+        Ok(())
     }
 
     fn forget_revoked(&mut self) {
@@ -395,7 +495,7 @@ impl Engine {
 #[derive(Debug)]
 struct SinkSlot {
     name: String,
-    sink: Box<dyn Sink>,
+    sink: Arc<dyn Sink>,
     counters: Arc<SinkCounters>,
 }
 
@@ -408,6 +508,7 @@ struct Writer {
     retrier: Retrier,
     metrics: Arc<Metrics>,
     consumer: Arc<Consumer>,
+    commit: Commit,
 }
 
 impl Writer {
@@ -460,6 +561,12 @@ impl Writer {
                 event,
             })
             .collect();
+        if self.commit.is_exactly_once() {
+            let outcome = self.write_committing(&records, &input, failures).await;
+            self.metrics
+                .observe_batch(records.len(), started.elapsed().as_secs_f64());
+            return outcome;
+        }
 
         // Every sink writes the whole batch, concurrently, each retried on its own: a sink
         // that fails does not make the others write again, and a record one sink refuses
@@ -534,6 +641,88 @@ impl Writer {
         Ok(())
     }
 
+    /// Exactly-once: the one sink writes the batch and commits its offsets in the same
+    /// transaction. Records refused before the sink are dead-lettered first, those the sink
+    /// refuses from inside its transaction, before it commits; the transaction is retried
+    /// until it commits (the offsets cannot move without it). The group's offsets are stored
+    /// afterwards for lag, unless the transaction committed them itself.
+    async fn write_committing(
+        &self,
+        records: &[Record],
+        input: &[WriteInput<'_>],
+        failures: Vec<(usize, Failure)>,
+    ) -> Result<(), EngineError> {
+        let Some(slot) = self.sinks.first() else {
+            return Err(EngineError::Setup("no sink".into()));
+        };
+        if !failures.is_empty() {
+            self.dead_letter_all(records, &failures, failures.len())
+                .await?;
+        }
+        let offsets = Offsets::after(records);
+        let metadata = match self.commit {
+            Commit::KafkaTransaction => self.consumer.group_metadata(),
+            _ => None,
+        };
+        let hook = RefusedFirst {
+            writer: self,
+            records,
+            sink: &slot.name,
+            stopped: std::sync::Mutex::new(None),
+        };
+        let tx = Transaction {
+            offsets: &offsets,
+            group_metadata: metadata.as_ref(),
+            before_commit: &hook,
+        };
+        let tried = self
+            .retrier
+            .run(&slot.name, Limit::Succeeded, || async {
+                match slot.sink.write_committing(input, &tx).await {
+                    Ok(written) => Ok(Ok(written)),
+                    Err(CommitError::Sink(e)) => Err(e),
+                    Err(other) => Ok(Err(other)),
+                }
+            })
+            .await
+            .map_err(|e| stopped(&slot.name, e))?;
+        let written = match tried.outcome {
+            Ok(Ok(written)) => written,
+            Ok(Err(CommitError::Fenced(reason))) => return Err(EngineError::Fenced(reason)),
+            Ok(Err(other)) => {
+                let held = hook.stopped.lock().ok().and_then(|mut e| e.take());
+                return Err(held.unwrap_or_else(|| EngineError::Fatal {
+                    sink: slot.name.clone(),
+                    message: other.to_string(),
+                }));
+            }
+            Err(e) => {
+                return Err(EngineError::Fatal {
+                    sink: slot.name.clone(),
+                    message: e.message,
+                });
+            }
+        };
+        let applied = input.len() - written.rejected.len() - written.skipped;
+        Metrics::add(&slot.counters.written, applied);
+        Metrics::add(&slot.counters.skipped, written.skipped);
+        Metrics::add(&slot.counters.rejected, written.rejected.len());
+        Metrics::add(&self.metrics.skipped, written.skipped);
+        Metrics::add(&self.metrics.written, applied);
+        match self.commit {
+            Commit::KafkaTransaction => Metrics::add(&self.metrics.commits, 1),
+            _ => commit::store(&self.consumer, &offsets, &self.metrics),
+        }
+        tracing::debug!(
+            pipeline = %self.pipeline,
+            records = records.len(),
+            written = applied,
+            dead_lettered = failures.len() + written.rejected.len(),
+            "batch written and committed"
+        );
+        Ok(())
+    }
+
     /// Sends every failure to the dead-letter topic (one record per refusing sink), each
     /// retried until the broker has it; without a dead-letter topic the pipeline stops.
     async fn dead_letter_all(
@@ -579,29 +768,62 @@ impl Writer {
         Ok(())
     }
 
-    /// Stores, per partition, the offset after the batch's last record, for the next commit.
+    /// Makes the batch's offsets durable the at-least-once way: stored for the group's
+    /// next commit.
     fn store_offsets(&self, records: &[Record]) {
-        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-        for record in records {
-            let entry = next
-                .entry((record.topic.as_str(), record.partition))
-                .or_insert(0);
-            *entry = (*entry).max(record.offset + 1);
-        }
-        let mut list = TopicPartitionList::new();
-        for ((topic, partition), offset) in &next {
-            if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
-                tracing::warn!(error = %e, "cannot build the commit");
+        commit::store(&self.consumer, &Offsets::after(records), &self.metrics);
+    }
+}
+
+/// Dead-letters what a sink refuses inside its exactly-once transaction, before it commits.
+struct RefusedFirst<'w> {
+    writer: &'w Writer,
+    records: &'w [Record],
+    sink: &'w str,
+    /// Why the pipeline must stop, when dead-lettering could not be done.
+    stopped: std::sync::Mutex<Option<EngineError>>,
+}
+
+impl BeforeCommit for RefusedFirst<'_> {
+    fn dead_letter<'a>(
+        &'a self,
+        rejected: &'a [Rejected],
+    ) -> BoxFuture<'a, Result<(), CommitError>> {
+        Box::pin(async move {
+            if rejected.is_empty() {
+                return Ok(());
             }
-        }
-        // A failed store (the partition was revoked meanwhile) is not a loss: the records
-        // were applied and the next owner reads them again (at-least-once).
-        match self.consumer.store_offsets(&list) {
-            Ok(()) => Metrics::add(&self.metrics.commits, 1),
-            Err(e) => {
-                tracing::warn!(error = %e, "offset store failed; records will be read again")
+            let now = SystemTime::now();
+            let failures: Vec<(usize, Failure)> = rejected
+                .iter()
+                .map(|r| {
+                    (
+                        r.index,
+                        Failure {
+                            class: r.class,
+                            reason: format!("sink {}: {}", self.sink, r.reason),
+                            attempts: 1,
+                            first_failure: now,
+                            sink: Some(self.sink.to_owned()),
+                        },
+                    )
+                })
+                .collect();
+            match self
+                .writer
+                .dead_letter_all(self.records, &failures, failures.len())
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let message = e.to_string();
+                    if let Ok(mut held) = self.stopped.lock() {
+                        *held = Some(e);
+                    }
+                    Err(CommitError::Stop(message))
+                }
             }
-        }
+        })
     }
 }
 

@@ -7,6 +7,8 @@
 #[cfg(feature = "engine")]
 pub mod batch;
 #[cfg(feature = "engine")]
+pub mod commit;
+#[cfg(feature = "engine")]
 pub mod config;
 #[cfg(feature = "engine")]
 pub mod dead_letter;

@@ -126,6 +126,7 @@ spec:
         mode: Upsert
         keyColumns: [id]
         columns: [{name: id, type: bigint}]
+    - sqlite: {url: "sqlite::memory:", table: orders, columns: [{name: id, type: bigint}]}
   batch: {maxWait: soon}
   scaling: {minReplicas: 3, maxReplicas: 1}
   delivery: ExactlyOnce

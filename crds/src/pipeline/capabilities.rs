@@ -8,7 +8,9 @@ use super::*;
 use crate::problems::Collector;
 
 /// Sink kinds the worker writes to.
-pub const RUNNABLE_SINKS: &[&str] = &["postgres", "mysql", "sqlite", "redis", "http"];
+pub const RUNNABLE_SINKS: &[&str] = &[
+    "postgres", "mysql", "sqlite", "redis", "mongodb", "http", "kafka",
+];
 
 impl EventPipelineSpec {
     pub(super) fn check_capabilities(&self, spec: &mut Collector<'_>) {
@@ -25,11 +27,18 @@ impl EventPipelineSpec {
                 }
             }
         }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            if let Some(kafka) = &sink.kafka
+                && kafka.connection_ref.is_some()
+            {
+                spec.index("sinks", i).at("kafka").field_error(
+                    "connectionRef",
+                    "a kafka sink on another cluster is not available in this version yet: remove it to produce to the pipeline's own cluster",
+                );
+            }
+        }
         if self.delivery == Delivery::ExactlyOnce {
-            spec.field_error(
-                "delivery",
-                "ExactlyOnce is not available in this version yet: use AtLeastOnce, with spec.idempotency to make a replayed record change nothing in a SQL sink",
-            );
+            self.check_exactly_once(spec);
         }
         if self.batch.compaction != Compaction::None {
             spec.at("batch").field_error(
@@ -54,6 +63,49 @@ impl EventPipelineSpec {
             );
         }
         self.check_scaling(&mut spec.at("scaling"));
+    }
+
+    /// Exactly-once needs one sink that commits the consumed offsets in its own transaction
+    /// with the data: a postgres table (offsets in the same database transaction) or a
+    /// kafka topic on the pipeline's own cluster (a Kafka transaction). Several sinks cannot
+    /// commit atomically together.
+    fn check_exactly_once(&self, spec: &mut Collector<'_>) {
+        const WHICH: &str = "ExactlyOnce needs exactly one sink that commits the consumed offsets in its own transaction: postgres, or kafka on the pipeline's own cluster";
+        if self.sinks.len() > 1 {
+            spec.field_error(
+                "delivery",
+                format!(
+                    "{WHICH}; this pipeline has {} sinks: use AtLeastOnce (with spec.idempotency for the SQL sinks), or one pipeline per sink",
+                    self.sinks.len()
+                ),
+            );
+            return;
+        }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            for kind in sink.kinds() {
+                let mut at = spec.index("sinks", i);
+                match kind {
+                    "postgres" => {}
+                    "kafka" if sink.kafka.as_ref().is_some_and(|k| k.connection_ref.is_some()) => {
+                        at.at("kafka").field_error(
+                            "connectionRef",
+                            "ExactlyOnce needs the kafka sink on the pipeline's own cluster (one transaction covers the records and the consumed offsets): remove connectionRef, or use delivery AtLeastOnce",
+                        );
+                    }
+                    "kafka" => {}
+                    other => at.field_error(
+                        other,
+                        format!(
+                            "the {other} sink cannot commit the consumed offsets in its own transaction, so spec.delivery ExactlyOnce is refused: use AtLeastOnce{}",
+                            match other {
+                                "mysql" | "sqlite" => " with spec.idempotency",
+                                _ => "",
+                            }
+                        ),
+                    ),
+                }
+            }
+        }
     }
 
     /// The operator runs `spec.replicas` workers, else `scaling.minReplicas`: the lag
@@ -118,36 +170,27 @@ mod tests {
     }
 
     #[test]
-    fn sink_kinds_not_built_are_refused_with_their_path() {
+    fn every_sink_kind_runs_and_a_kafka_sink_on_another_cluster_is_refused() {
         let s = spec(serde_json::json!({"sinks": [
             {"http": {"url": "http://x"}},
             {"kafka": {"topic": "out"}},
             {"mysql": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}},
-            {"mongodb": {"urlFrom": {"env": "M"}, "database": "d", "collection": "c"}}
+            {"mongodb": {"urlFrom": {"env": "M"}, "database": "d", "collection": "c"}},
+            {"kafka": {"topic": "out", "connectionRef": {"name": "other"}}}
         ]}));
         let paths = paths(&s);
-        for path in ["spec.sinks[1].kafka", "spec.sinks[3].mongodb"] {
-            assert!(paths.contains(&path.to_owned()), "{path} not in {paths:?}");
-        }
-        for runs in ["spec.sinks[0]", "spec.sinks[2]"] {
-            assert!(
-                !paths.iter().any(|p| p.starts_with(runs)),
-                "{runs} runs: {paths:?}"
-            );
-        }
+        assert_eq!(paths, vec!["spec.sinks[4].kafka.connectionRef".to_owned()]);
     }
 
     #[test]
     fn modes_not_built_are_refused_with_their_path_and_what_to_use() {
         let s = spec(serde_json::json!({
-            "delivery": "ExactlyOnce",
             "batch": {"compaction": "LastWriteWins"},
             "replay": {"token": "t1", "to": "Earliest"},
             "scaling": {"minReplicas": 0, "maxReplicas": 12, "targetCatchUpTime": "2m"}
         }));
         let problems = s.validate().expect_err("refused");
         for path in [
-            "spec.delivery",
             "spec.batch.compaction",
             "spec.replay",
             "spec.scaling.minReplicas",
@@ -168,6 +211,39 @@ mod tests {
     }
 
     #[test]
+    fn exactly_once_runs_with_one_postgres_sink() {
+        let s = spec(serde_json::json!({"delivery": "ExactlyOnce"}));
+        assert_eq!(paths(&s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn exactly_once_is_refused_with_sinks_that_cannot_commit_offsets_naming_the_field() {
+        for (sink, path) in [
+            (
+                serde_json::json!({"redis": {"urlFrom": {"env": "R"}, "key": "event.id"}}),
+                "spec.sinks[0].redis",
+            ),
+            (
+                serde_json::json!({"http": {"url": "http://x"}}),
+                "spec.sinks[0].http",
+            ),
+        ] {
+            let s = spec(serde_json::json!({"delivery": "ExactlyOnce", "sinks": [sink]}));
+            let problems = s.validate().expect_err("refused");
+            let problem = problems
+                .iter()
+                .find(|p| p.path == path && p.message.contains("ExactlyOnce"))
+                .unwrap_or_else(|| panic!("{path} not refused for ExactlyOnce: {problems}"));
+            assert!(problem.message.contains("AtLeastOnce"), "{problem}");
+        }
+        let two = spec(serde_json::json!({"delivery": "ExactlyOnce", "sinks": [
+            {"postgres": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}},
+            {"postgres": {"urlFrom": {"env": "DB"}, "table": "u", "columns": [{"name": "a", "type": "text"}]}}
+        ]}));
+        assert!(paths(&two).contains(&"spec.delivery".to_owned()));
+    }
+
+    #[test]
     fn idempotency_needs_a_sink_that_records_keys() {
         let s = spec(serde_json::json!({
             "idempotency": {"key": "event.id"},
@@ -178,6 +254,10 @@ mod tests {
             "idempotency": {"key": "event.id"},
             "sinks": [{"http": {"url": "http://x"}}]
         }));
-        assert_eq!(paths(&http), Vec::<String>::new(), "sent as Idempotency-Key");
+        assert_eq!(
+            paths(&http),
+            Vec::<String>::new(),
+            "sent as Idempotency-Key"
+        );
     }
 }

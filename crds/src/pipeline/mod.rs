@@ -51,6 +51,12 @@ use crate::reference::ConnectionRef;
         printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
         printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag.total"),
         printcolumn(
+            name = "Drain",
+            type_ = "number",
+            json_path = ".status.lagSeconds",
+            description = "Seconds to drain the lag at the consumption rate"
+        ),
+        printcolumn(
             name = "Age",
             type_ = "date",
             json_path = ".metadata.creationTimestamp"
@@ -92,7 +98,9 @@ pub struct EventPipelineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
     /// AtLeastOnce (the default): offsets are committed after every sink acknowledged.
-    /// ExactlyOnce is not available in this version and is refused.
+    /// ExactlyOnce: each event is applied once even when a worker is killed or loses its
+    /// partitions; needs exactly one sink that commits the consumed offsets with the data
+    /// (postgres, or kafka on the pipeline's own cluster).
     #[serde(default)]
     pub delivery: Delivery,
     /// How many workers run. This version runs `scaling.minReplicas` workers (when
@@ -320,7 +328,12 @@ pub enum Delivery {
     /// Offsets are committed after every sink acknowledged; a crash may apply a record again.
     #[default]
     AtLeastOnce,
-    /// Not available in this version: refused.
+    /// Each event is applied once. With a postgres sink the consumed offsets are kept in
+    /// the table `weir_offsets` of the same database and written in the same transaction
+    /// as the rows; a worker resumes from them, and one that lost its partitions commits
+    /// nothing. With a kafka sink the records and the consumed offsets are committed in one
+    /// Kafka transaction (readers use `isolation.level=read_committed`). Needs exactly one
+    /// sink.
     ExactlyOnce,
 }
 

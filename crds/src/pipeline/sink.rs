@@ -44,7 +44,7 @@ pub struct Sink {
     /// Send the events to an HTTP endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSink>,
-    /// Another Kafka topic: not available in this version (refused).
+    /// Produce to a Kafka topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSink>,
 }
@@ -442,18 +442,50 @@ pub enum HttpEncoding {
     Ndjson,
 }
 
-/// Another Kafka topic: not available in this version (a pipeline with a kafka sink is
-/// refused).
+/// Another Kafka topic: each event becomes one record, produced by an idempotent producer
+/// acknowledged by all in-sync replicas. Records are partitioned by key with the same hash
+/// as Java's producers (murmur2), so a key keeps its partition and its order; a record
+/// without a key goes to any partition. With `delivery: ExactlyOnce` each batch's records and
+/// the consumed offsets are committed in one Kafka transaction (aborted on any failure), so
+/// readers using `isolation.level=read_committed` see every event once.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSink {
     /// The topic to produce to.
     #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
     pub topic: String,
-    /// The KafkaConnection of the target cluster; defaults to the pipeline's.
+    /// The KafkaConnection of another cluster. Not available in this version (refused): the
+    /// sink produces to the pipeline's own cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_ref: Option<ConnectionRef>,
-    /// A CEL expression giving the record key; defaults to the source record's key.
+    /// A CEL expression giving the record key (a string as it is, a number as its digits,
+    /// anything else as JSON text, null for no key), e.g. `event.userId`. Defaults to the
+    /// source record's key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// A CEL expression giving the record value (a string as it is, null for a tombstone,
+    /// anything else as JSON text), e.g. `{"id": event.id, "type": event.type}`. Defaults
+    /// to the source record's value as it is, or, when the pipeline has a transform, the
+    /// transformed event as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Headers to set: name → CEL expression giving its value (a string as it is, anything
+    /// else as JSON text, null for a header without value). The source record's headers are
+    /// kept; one of the same name is replaced.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub headers: BTreeMap<String, String>,
+    /// None (the default), Gzip, Snappy or Lz4.
+    #[serde(default)]
+    pub compression: KafkaCompression,
+}
+
+/// How a kafka sink compresses its record batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum KafkaCompression {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
 }

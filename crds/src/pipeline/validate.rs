@@ -160,6 +160,16 @@ fn validate_sinks(spec_value: &EventPipelineSpec, spec: &mut Collector<'_>) {
             if let Some(key) = &kafka.key {
                 check_cel(key, &mut at.at("key"));
             }
+            if let Some(value) = &kafka.value {
+                check_cel(value, &mut at.at("value"));
+            }
+            for (name, expression) in &kafka.headers {
+                let mut entry = at.key("headers", name);
+                if name.is_empty() {
+                    entry.error("header name must not be empty");
+                }
+                check_cel(expression, &mut entry);
+            }
         }
     }
 }

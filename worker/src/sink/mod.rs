@@ -4,6 +4,7 @@
 //! shared machinery in the engine, which names no sink kind.
 
 pub mod http;
+pub mod kafka;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
@@ -18,6 +19,7 @@ use serde_json::Value;
 use weir_crds::{EventPipelineSpec, Sink as SinkSpec};
 
 use self::sql::Idempotency;
+use crate::commit::{Commit, CommitError, Transaction};
 use crate::config::resolve_secret;
 use crate::record::Record;
 use crate::retry::ErrorClass;
@@ -88,6 +90,40 @@ pub trait Sink: Send + Sync + fmt::Debug {
     fn reads_event(&self) -> bool {
         true
     }
+
+    /// How this sink can make a batch's offsets durable beyond the consumer group's
+    /// commit, for `delivery: ExactlyOnce` ([`crate::commit`]). A sink that returns
+    /// anything but `Group` implements [`Sink::claim`] and [`Sink::write_committing`].
+    fn commit(&self) -> Commit {
+        Commit::Group
+    }
+
+    /// For offsets kept by the sink: called when partitions are assigned, before any of
+    /// their records is written. Claims them (fencing out a previous owner that has not
+    /// noticed it lost them) and returns, for each, the next offset stored with the data
+    /// (`None`: nothing stored yet, resume from the group's committed offset).
+    fn claim<'a>(
+        &'a self,
+        partitions: &'a [(String, i32)],
+    ) -> BoxFuture<'a, Result<Vec<Option<i64>>, SinkError>> {
+        Box::pin(async move { Ok(vec![None; partitions.len()]) })
+    }
+
+    /// Writes one batch and commits its offsets with it, atomically (exactly-once). The
+    /// records it refuses are handed to `tx.before_commit` before the commit, and listed
+    /// in the result as `write` lists them.
+    fn write_committing<'a>(
+        &'a self,
+        input: &'a [WriteInput<'a>],
+        tx: &'a Transaction<'a>,
+    ) -> BoxFuture<'a, Result<Written, CommitError>> {
+        let _ = (input, tx);
+        Box::pin(async {
+            Err(CommitError::Stop(
+                "this sink cannot commit offsets in its own transaction".into(),
+            ))
+        })
+    }
 }
 
 /// A built sink with the name its metrics, logs and dead letters use.
@@ -102,9 +138,20 @@ pub struct NamedSink {
 /// group). Connections are made on first use, so an unreachable destination is retried by
 /// the engine rather than failing the start. Call inside a tokio runtime.
 pub fn build(spec: &EventPipelineSpec, scope: &str) -> Result<Vec<NamedSink>, String> {
+    build_in(spec, scope, None)
+}
+
+/// Builds every sink as [`build`] does, the kafka sinks' producers on `kafka` (without it,
+/// a kafka sink is built but cannot write).
+pub fn build_in(
+    spec: &EventPipelineSpec,
+    scope: &str,
+    kafka: Option<&kafka::Connection>,
+) -> Result<Vec<NamedSink>, String> {
     build_with(
         spec,
         scope,
+        kafka,
         &|kind, url_given, from, at| match (url_given, from) {
             (Some(url), _) => Ok(url.clone()),
             (None, Some(from)) => resolve_secret(from).map_err(|e| format!("{at}.urlFrom: {e}")),
@@ -117,7 +164,7 @@ pub fn build(spec: &EventPipelineSpec, scope: &str) -> Result<Vec<NamedSink>, St
 /// secret is replaced by a placeholder of its kind (nothing connects until a write). The
 /// worker's start-up check. Call inside a tokio runtime.
 pub fn check(spec: &EventPipelineSpec) -> Result<(), String> {
-    build_with(spec, "check", &|kind, url_given, _, _| {
+    build_with(spec, "check", None, &|kind, url_given, _, _| {
         Ok(url_given.clone().unwrap_or_else(|| {
             match kind {
                 "postgres" => "postgres://weir-check.invalid/check",
@@ -140,8 +187,15 @@ type UrlOf<'a> = dyn Fn(&str, &Option<String>, &Option<weir_crds::SecretSource>,
 fn build_with(
     spec: &EventPipelineSpec,
     scope: &str,
+    kafka: Option<&kafka::Connection>,
     url: &UrlOf<'_>,
 ) -> Result<Vec<NamedSink>, String> {
+    // Without a transform, a JSON record's value is its event.
+    let untouched = spec.source.format == weir_crds::PayloadFormat::Json
+        && spec
+            .transform
+            .as_ref()
+            .is_none_or(|t| t.set.is_empty() && t.remove.is_empty());
     let idempotency = spec
         .idempotency
         .as_ref()
@@ -163,7 +217,11 @@ fn build_with(
                     postgres: Some(pg), ..
                 } => {
                     let url = url("postgres", &pg.url, &pg.url_from, &format!("{at}.postgres"))?;
-                    Box::new(postgres::build(pg, &url, idempotency.clone())?)
+                    let table = postgres::build(pg, &url, idempotency.clone())?;
+                    Box::new(match spec.delivery {
+                        weir_crds::Delivery::ExactlyOnce => table.keeping_offsets(scope),
+                        weir_crds::Delivery::AtLeastOnce => table,
+                    })
                 }
                 SinkSpec {
                     mysql: Some(my), ..
@@ -188,14 +246,17 @@ fn build_with(
                     let url = url("http", &h.url, &h.url_from, &at)?;
                     Box::new(http::HttpSink::new(h, &url, &at, spec)?)
                 }
+                SinkSpec { kafka: Some(k), .. } => Box::new(
+                    kafka::KafkaSink::new(
+                        k,
+                        untouched,
+                        spec.delivery == weir_crds::Delivery::ExactlyOnce,
+                        kafka,
+                    )
+                    .map_err(|e| format!("{at}.{e}"))?,
+                ),
                 SinkSpec { redis: Some(r), .. } => {
                     let url = url("redis", &r.url, &r.url_from, &format!("{at}.redis"))?;
-                    // Without a transform, a JSON record's value is its event.
-                    let untouched = spec.source.format == weir_crds::PayloadFormat::Json
-                        && spec
-                            .transform
-                            .as_ref()
-                            .is_none_or(|t| t.set.is_empty() && t.remove.is_empty());
                     Box::new(
                         redis::RedisSink::new(r.clone(), &url)?.with_payload_as_event(untouched),
                     )

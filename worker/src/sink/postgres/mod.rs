@@ -2,17 +2,22 @@
 //! one UNNEST statement per group of rows (see `sql::plan`), idempotency keys written in
 //! the same transaction as the rows.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use weir_crds::{ColumnType, SqlSink};
 
+use super::Rejected;
 use super::SinkError;
 use super::redact;
 use super::sql::plan::{Action, Group, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int};
-use super::sql::{Applied, Dialect, Idempotency, SqlTable, quote, quote_table};
+use super::sql::{
+    Applied, Claim, Committing, Dialect, Idempotency, SqlTable, merge, quote, quote_table,
+};
+use crate::commit::CommitError;
 use crate::retry::ErrorClass;
 
 /// Builds the sink; the connection is made on first use, so an unreachable database is
@@ -85,43 +90,201 @@ impl Dialect for Postgres {
             return Ok(Applied::new(plan.rejected, plan.stale + stale));
         };
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let keys = idempotency.keys_of(steps);
-        let candidates: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
-        let seen: Vec<String> = sqlx::query_scalar(
-            "SELECT key FROM weir_idempotency
-             WHERE scope = $1 AND key = ANY($2) AND applied_at > now() - make_interval(secs => $3)",
-        )
-        .bind(&idempotency.scope)
-        .bind(&candidates)
-        .bind(idempotency.window.as_secs_f64())
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let fresh = Idempotency::fresh(steps, keys, seen);
-        let plan = plan(spec, &fresh.steps);
-        let stale = execute_all(&mut tx, spec, &plan.groups).await?;
-        if !fresh.keys.is_empty() {
-            sqlx::query(
-                "INSERT INTO weir_idempotency (scope, key)
-                 SELECT $1, k FROM UNNEST($2::text[]) AS k
-                 ON CONFLICT (scope, key) DO UPDATE SET applied_at = now()",
-            )
-            .bind(&idempotency.scope)
-            .bind(&fresh.keys)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
+        let applied = apply(&mut tx, spec, Some(idempotency), steps).await?;
         tx.commit().await.map_err(classify)?;
-        Ok(Applied::new(
-            plan.rejected,
-            fresh.duplicates + plan.stale + stale,
-        ))
+        Ok(applied)
     }
 
     async fn close(&self) {
         self.pool.close().await;
     }
+
+    fn keeps_offsets(&self) -> bool {
+        true
+    }
+
+    async fn create_offsets_table(&self) -> Result<(), SinkError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS weir_offsets (
+                consumer_group text NOT NULL,
+                topic text NOT NULL,
+                partition integer NOT NULL,
+                next_offset bigint,
+                generation bigint NOT NULL,
+                updated_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (consumer_group, topic, partition))",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        group: &str,
+        partitions: &[(String, i32)],
+    ) -> Result<Vec<Claim>, SinkError> {
+        let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+        let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        // A previous owner's transaction still open on a row makes this wait for it: it
+        // either commits under its generation (before this claim) or not at all.
+        let rows: Vec<(String, i32, Option<i64>, i64)> = sqlx::query_as(
+            "INSERT INTO weir_offsets AS o (consumer_group, topic, partition, next_offset, generation)
+             SELECT $1, u.t, u.p, NULL, 1 FROM UNNEST($2::text[], $3::integer[]) AS u(t, p)
+             ON CONFLICT (consumer_group, topic, partition)
+             DO UPDATE SET generation = o.generation + 1, updated_at = now()
+             RETURNING topic, partition, next_offset, generation",
+        )
+        .bind(group)
+        .bind(&topics)
+        .bind(&numbers)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        let claimed: HashMap<(String, i32), Claim> = rows
+            .into_iter()
+            .map(|(t, p, next, generation)| ((t, p), Claim { generation, next }))
+            .collect();
+        Ok(partitions
+            .iter()
+            .filter_map(|p| claimed.get(p).copied())
+            .collect())
+    }
+
+    async fn transaction_committing(
+        &self,
+        spec: &SqlSink,
+        idempotency: Option<&Idempotency>,
+        steps: &[Step<'_>],
+        commit: Committing<'_>,
+    ) -> Result<Applied, CommitError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut applied = Applied::default();
+        // Halves of the steps to try, the next one on top: a part the database refuses is
+        // rolled back to its savepoint and split until each refused step stands alone.
+        let mut parts = vec![(0, steps.len())];
+        while let Some((from, to)) = parts.pop() {
+            if from == to {
+                continue;
+            }
+            sqlx::query("SAVEPOINT weir_part")
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            match apply(&mut tx, spec, idempotency, &steps[from..to]).await {
+                Ok(part) => {
+                    sqlx::query("RELEASE SAVEPOINT weir_part")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    merge(&mut applied, part);
+                }
+                Err(e) if e.class == ErrorClass::Permanent => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT weir_part")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    if to - from == 1 {
+                        applied.rejected.push(Rejected {
+                            index: steps[from].index,
+                            class: ErrorClass::Permanent,
+                            reason: e.message,
+                        });
+                    } else {
+                        let middle = from + (to - from) / 2;
+                        parts.push((middle, to));
+                        parts.push((from, middle));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let refused: Vec<Rejected> = commit
+            .refused
+            .iter()
+            .chain(&applied.rejected)
+            .cloned()
+            .collect();
+        commit.before_commit.dead_letter(&refused).await?;
+        let topics: Vec<&str> = commit.moves.iter().map(|m| m.topic.as_str()).collect();
+        let numbers: Vec<i32> = commit.moves.iter().map(|m| m.partition).collect();
+        let next: Vec<i64> = commit.moves.iter().map(|m| m.next).collect();
+        let generations: Vec<i64> = commit.moves.iter().map(|m| m.generation).collect();
+        let expected: Vec<Option<i64>> = commit.moves.iter().map(|m| m.expected).collect();
+        let moved = sqlx::query(
+            "UPDATE weir_offsets AS o SET next_offset = u.n, updated_at = now()
+             FROM UNNEST($2::text[], $3::integer[], $4::bigint[], $5::bigint[], $6::bigint[]) AS u(t, p, n, g, e)
+             WHERE o.consumer_group = $1 AND o.topic = u.t AND o.partition = u.p
+               AND o.generation = u.g AND o.next_offset IS NOT DISTINCT FROM u.e",
+        )
+        .bind(commit.group)
+        .bind(&topics)
+        .bind(&numbers)
+        .bind(&next)
+        .bind(&generations)
+        .bind(&expected)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if moved != commit.moves.len() as u64 {
+            // Dropping the transaction rolls it back.
+            return Err(CommitError::Fenced(format!(
+                "{} of the batch's {} partitions were claimed by another worker since this one took them",
+                commit.moves.len() as u64 - moved,
+                commit.moves.len()
+            )));
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(applied)
+    }
+}
+
+/// Applies steps on a connection inside a transaction: with idempotency, skips the steps
+/// whose key was applied within the window and records the new keys.
+async fn apply(
+    conn: &mut sqlx::PgConnection,
+    spec: &SqlSink,
+    idempotency: Option<&Idempotency>,
+    steps: &[Step<'_>],
+) -> Result<Applied, SinkError> {
+    let Some(idempotency) = idempotency else {
+        let plan = plan(spec, steps);
+        let stale = execute_all(conn, spec, &plan.groups).await?;
+        return Ok(Applied::new(plan.rejected, plan.stale + stale));
+    };
+    let keys = idempotency.keys_of(steps);
+    let candidates: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+    let seen: Vec<String> = sqlx::query_scalar(
+        "SELECT key FROM weir_idempotency
+         WHERE scope = $1 AND key = ANY($2) AND applied_at > now() - make_interval(secs => $3)",
+    )
+    .bind(&idempotency.scope)
+    .bind(&candidates)
+    .bind(idempotency.window.as_secs_f64())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(classify)?;
+    let fresh = Idempotency::fresh(steps, keys, seen);
+    let plan = plan(spec, &fresh.steps);
+    let stale = execute_all(conn, spec, &plan.groups).await?;
+    if !fresh.keys.is_empty() {
+        sqlx::query(
+            "INSERT INTO weir_idempotency (scope, key)
+             SELECT $1, k FROM UNNEST($2::text[]) AS k
+             ON CONFLICT (scope, key) DO UPDATE SET applied_at = now()",
+        )
+        .bind(&idempotency.scope)
+        .bind(&fresh.keys)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    }
+    Ok(Applied::new(
+        plan.rejected,
+        fresh.duplicates + plan.stale + stale,
+    ))
 }
 
 /// Runs a plan's groups in order, one statement each; returns how many rows the

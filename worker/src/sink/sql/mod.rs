@@ -14,8 +14,11 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use weir_crds::{SqlSink, WriteMode};
 
+use std::collections::HashMap;
+
 use self::plan::{Action, Step, rule_action};
 use super::{Rejected, Sink, SinkError, WriteInput, Written};
+use crate::commit::{BeforeCommit, Commit, CommitError, Offsets, Transaction};
 use crate::record::field;
 use crate::retry::ErrorClass;
 use crate::transform::{Expression, Variables, context_with};
@@ -218,7 +221,97 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
     ) -> impl Future<Output = Result<Applied, SinkError>> + Send + 's;
 
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Whether this database can keep a pipeline's offsets with its rows (exactly-once).
+    fn keeps_offsets(&self) -> bool {
+        false
+    }
+
+    /// Creates Weir's offsets table when missing.
+    fn create_offsets_table(&self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Err(not_kept()) }
+    }
+
+    /// Claims `partitions` for `group`: raises each one's fencing generation and returns
+    /// it with the stored next offset, in the order given.
+    fn claim(
+        &self,
+        group: &str,
+        partitions: &[(String, i32)],
+    ) -> impl Future<Output = Result<Vec<Claim>, SinkError>> + Send {
+        let _ = (group, partitions);
+        async { Err(not_kept()) }
+    }
+
+    /// One transaction that applies `steps` as [`Dialect::transaction`] does, isolating
+    /// the steps the database refuses with savepoints (never several transactions), hands
+    /// every refused event (`refused`, and those the database refused) to `before_commit`,
+    /// moves the offsets compare-and-set, and commits. When an offset row does not hold the
+    /// claimed generation and offset, nothing is committed: [`CommitError::Fenced`].
+    fn transaction_committing<'s>(
+        &'s self,
+        spec: &'s SqlSink,
+        idempotency: Option<&'s Idempotency>,
+        steps: &'s [Step<'s>],
+        commit: Committing<'s>,
+    ) -> impl Future<Output = Result<Applied, CommitError>> + Send + 's {
+        let _ = (spec, idempotency, steps, commit);
+        async { Err(CommitError::Sink(not_kept())) }
+    }
 }
+
+fn not_kept() -> SinkError {
+    SinkError::new(
+        ErrorClass::Fatal,
+        "this database cannot keep offsets with its rows (exactly-once)",
+    )
+}
+
+/// A partition claimed for writing: the fencing generation raised for this worker and the
+/// next offset stored with the rows (`None`: none yet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub generation: i64,
+    pub next: Option<i64>,
+}
+
+/// One partition's offset move: from the `expected` value (what this worker claimed or
+/// last committed) under its `generation`, to `next`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OffsetMove {
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+    pub generation: i64,
+    pub expected: Option<i64>,
+}
+
+/// What an exactly-once transaction commits besides the rows.
+pub struct Committing<'s> {
+    pub group: &'s str,
+    pub moves: &'s [OffsetMove],
+    /// Events refused before reaching the database (a rule that cannot be evaluated).
+    pub refused: &'s [Rejected],
+    pub before_commit: &'s dyn BeforeCommit,
+}
+
+impl std::fmt::Debug for Committing<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committing")
+            .field("group", &self.group)
+            .field("moves", &self.moves)
+            .finish()
+    }
+}
+
+/// The merged result of applying `steps` in parts: refused events and skips of each part.
+pub fn merge(into: &mut Applied, part: Applied) {
+    into.rejected.extend(part.rejected);
+    into.duplicates += part.duplicates;
+}
+
+/// The partitions a worker claimed, by topic and partition.
+type Claims = HashMap<(String, i32), Claim>;
 
 /// A table in a SQL database: the sink every SQL kind is.
 #[derive(Debug)]
@@ -227,6 +320,9 @@ pub struct SqlTable<D> {
     idempotency: Option<Idempotency>,
     dialect: D,
     batches: std::sync::atomic::AtomicU64,
+    /// With exactly-once: the consumer group whose offsets are kept with the rows, and the
+    /// partitions this worker claimed.
+    offsets: Option<(String, std::sync::Mutex<Claims>)>,
 }
 
 impl<D: Dialect> SqlTable<D> {
@@ -240,7 +336,45 @@ impl<D: Dialect> SqlTable<D> {
             idempotency,
             dialect,
             batches: std::sync::atomic::AtomicU64::new(0),
+            offsets: None,
         })
+    }
+
+    /// Keeps the offsets of `group` with the rows (exactly-once), when the database can.
+    pub fn keeping_offsets(mut self, group: &str) -> Self {
+        if self.dialect.keeps_offsets() {
+            self.offsets = Some((group.to_owned(), std::sync::Mutex::new(HashMap::new())));
+        }
+        self
+    }
+
+    /// The offset moves of a batch from the partitions' claims; `Fenced` for a partition
+    /// this worker has not claimed.
+    fn moves(&self, offsets: &Offsets) -> Result<Vec<OffsetMove>, CommitError> {
+        let Some((_, claims)) = &self.offsets else {
+            return Err(CommitError::Sink(not_kept()));
+        };
+        let claims = claims
+            .lock()
+            .map_err(|_| CommitError::Stop("the claims lock is poisoned".into()))?;
+        offsets
+            .0
+            .iter()
+            .map(|((topic, partition), next)| {
+                let claim = claims.get(&(topic.clone(), *partition)).ok_or_else(|| {
+                    CommitError::Fenced(format!(
+                        "{topic}/{partition} is not claimed by this worker"
+                    ))
+                })?;
+                Ok(OffsetMove {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    next: *next,
+                    generation: claim.generation,
+                    expected: claim.next,
+                })
+            })
+            .collect()
     }
 
     /// Applies `steps` in one transaction.
@@ -257,7 +391,83 @@ impl<D: Dialect> Sink for SqlTable<D> {
             if self.idempotency.is_some() {
                 self.dialect.create_idempotency_table().await?;
             }
+            if self.offsets.is_some() {
+                self.dialect.create_offsets_table().await?;
+            }
             Ok(())
+        })
+    }
+
+    fn commit(&self) -> Commit {
+        match self.offsets {
+            Some(_) => Commit::InSinkTransaction,
+            None => Commit::Group,
+        }
+    }
+
+    fn claim<'a>(
+        &'a self,
+        partitions: &'a [(String, i32)],
+    ) -> BoxFuture<'a, Result<Vec<Option<i64>>, SinkError>> {
+        Box::pin(async move {
+            let Some((group, claims)) = &self.offsets else {
+                return Ok(vec![None; partitions.len()]);
+            };
+            let claimed = self.dialect.claim(group, partitions).await?;
+            if claimed.len() != partitions.len() {
+                return Err(SinkError::new(
+                    ErrorClass::Transient,
+                    format!(
+                        "claimed {} of {} partitions",
+                        claimed.len(),
+                        partitions.len()
+                    ),
+                ));
+            }
+            if let Ok(mut claims) = claims.lock() {
+                for (partition, claim) in partitions.iter().zip(&claimed) {
+                    claims.insert(partition.clone(), *claim);
+                }
+            }
+            Ok(claimed.iter().map(|c| c.next).collect())
+        })
+    }
+
+    fn write_committing<'a>(
+        &'a self,
+        input: &'a [WriteInput<'a>],
+        tx: &'a Transaction<'a>,
+    ) -> BoxFuture<'a, Result<Written, CommitError>> {
+        Box::pin(async move {
+            let Some((group, claims)) = &self.offsets else {
+                return Err(CommitError::Sink(not_kept()));
+            };
+            let moves = self.moves(tx.offsets)?;
+            let (steps, mut rejected) = self.projection.steps(input);
+            let applied = self
+                .dialect
+                .transaction_committing(
+                    &self.projection.spec,
+                    self.idempotency.as_ref(),
+                    &steps,
+                    Committing {
+                        group,
+                        moves: &moves,
+                        refused: &rejected,
+                        before_commit: tx.before_commit,
+                    },
+                )
+                .await?;
+            if let Ok(mut claims) = claims.lock() {
+                for m in &moves {
+                    if let Some(claim) = claims.get_mut(&(m.topic.clone(), m.partition)) {
+                        claim.next = Some(m.next);
+                    }
+                }
+            }
+            let skipped = input.len() - steps.len() - rejected.len() + applied.duplicates;
+            rejected.extend(applied.rejected);
+            Ok(Written { rejected, skipped })
         })
     }
 

@@ -1,0 +1,573 @@
+//! The Kafka sink: each event becomes one record on a topic of the pipeline's cluster. At
+//! least once: an idempotent producer acknowledged by all in-sync replicas, every record of
+//! a batch awaited. Exactly once: a transactional producer; a transaction per batch carries
+//! the records and the consumed offsets (`send_offsets_to_transaction` with the consumer's
+//! group metadata), and any failure aborts it.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use serde_json::Value;
+use weir_crds::{KafkaCompression, KafkaSink as KafkaSpec};
+
+use super::{Rejected, Sink, SinkError, WriteInput, Written};
+use crate::commit::{Commit, CommitError, Transaction};
+use crate::retry::ErrorClass;
+use crate::transform::{Expression, Variables, context_with};
+
+/// How long a transactional call may block.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a producer needs from the worker: the pipeline's client settings and, for a
+/// transactional producer, a stable identity.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub client: ClientConfig,
+    /// `transactional.id`: the consumer group and the worker's instance id, so that a
+    /// restarted worker fences its predecessor's producer.
+    pub transactional_id: String,
+}
+
+/// One record ready to send.
+struct Outgoing {
+    index: usize,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: OwnedHeaders,
+}
+
+pub struct KafkaSink {
+    topic: String,
+    key: Option<Expression>,
+    value: Option<Expression>,
+    headers: Vec<(String, Expression)>,
+    variables: Variables,
+    /// Without a value expression or a transform, the record's value is sent as it is.
+    value_as_is: bool,
+    /// `None` when only checked (no connection).
+    producer: Option<FutureProducer>,
+    transactional: bool,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink")
+            .field("topic", &self.topic)
+            .field("transactional", &self.transactional)
+            .finish()
+    }
+}
+
+impl KafkaSink {
+    /// Compiles the expressions and, given a connection, creates the producer (it connects
+    /// in the background; `prepare` checks the topic). `untouched`: the pipeline has no
+    /// transform, so a record's value is its event.
+    pub fn new(
+        spec: &KafkaSpec,
+        untouched: bool,
+        exactly_once: bool,
+        connection: Option<&Connection>,
+    ) -> Result<Self, String> {
+        let compile = |what: &str, source: &str| {
+            Expression::compile(source).map_err(|e| format!("kafka.{what}: {e}"))
+        };
+        let key = spec.key.as_deref().map(|k| compile("key", k)).transpose()?;
+        let value = spec
+            .value
+            .as_deref()
+            .map(|v| compile("value", v))
+            .transpose()?;
+        let headers = spec
+            .headers
+            .iter()
+            .map(|(name, source)| {
+                Ok((
+                    name.clone(),
+                    compile(&format!("headers[{name:?}]"), source)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let variables = key
+            .iter()
+            .chain(&value)
+            .chain(headers.iter().map(|(_, e)| e))
+            .fold(Variables::default(), |all, e| all.and(e.variables()));
+        let producer = connection
+            .map(|connection| producer(spec, exactly_once, connection))
+            .transpose()?;
+        Ok(Self {
+            topic: spec.topic.clone(),
+            value_as_is: value.is_none() && untouched,
+            key,
+            value,
+            headers,
+            variables,
+            producer,
+            transactional: exactly_once,
+        })
+    }
+
+    fn producer(&self) -> Result<&FutureProducer, SinkError> {
+        self.producer.as_ref().ok_or_else(|| {
+            SinkError::new(
+                ErrorClass::Fatal,
+                "the kafka sink was built without a connection",
+            )
+        })
+    }
+
+    /// The records of a batch, and the events refused before sending (an expression that
+    /// fails).
+    fn outgoing(&self, input: &[WriteInput<'_>]) -> (Vec<Outgoing>, Vec<Rejected>) {
+        let mut out = Vec::with_capacity(input.len());
+        let mut rejected = Vec::new();
+        for item in input {
+            match self.record(item) {
+                Ok(record) => out.push(record),
+                Err(reason) => rejected.push(Rejected {
+                    index: item.index,
+                    class: ErrorClass::Permanent,
+                    reason,
+                }),
+            }
+        }
+        (out, rejected)
+    }
+
+    fn record(&self, item: &WriteInput<'_>) -> Result<Outgoing, String> {
+        let context = context_with(item.record, item.event, self.variables);
+        let key = match &self.key {
+            Some(expression) => match expression.eval(&context)? {
+                Value::Null => None,
+                Value::String(s) => Some(s.into_bytes()),
+                other => Some(other.to_string().into_bytes()),
+            },
+            None => item.record.key.clone(),
+        };
+        let value = match &self.value {
+            Some(expression) => match expression.eval(&context)? {
+                Value::Null => None,
+                Value::String(s) => Some(s.into_bytes()),
+                other => Some(other.to_string().into_bytes()),
+            },
+            None if self.value_as_is => item.record.payload.clone(),
+            None => Some(item.event.to_string().into_bytes()),
+        };
+        let mut set: Vec<(&str, Option<Vec<u8>>)> = Vec::with_capacity(self.headers.len());
+        for (name, expression) in &self.headers {
+            let value = match expression.eval(&context)? {
+                Value::Null => None,
+                Value::String(s) => Some(s.into_bytes()),
+                other => Some(other.to_string().into_bytes()),
+            };
+            set.push((name, value));
+        }
+        let mut headers = OwnedHeaders::new_with_capacity(item.record.headers.len() + set.len());
+        for (name, value) in &item.record.headers {
+            if !set.iter().any(|(n, _)| n == name) {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+        }
+        for (name, value) in &set {
+            headers = headers.insert(Header {
+                key: name,
+                value: value.as_ref(),
+            });
+        }
+        Ok(Outgoing {
+            index: item.index,
+            key,
+            value,
+            headers,
+        })
+    }
+
+    /// Sends every record and waits for every acknowledgement. Records the broker refuses
+    /// for themselves (too large) are returned; any other failure fails the whole write.
+    async fn send_all(&self, records: Vec<Outgoing>) -> Result<Vec<Rejected>, SinkError> {
+        let producer = self.producer()?;
+        let mut pending: std::collections::VecDeque<(usize, DeliveryFuture)> =
+            std::collections::VecDeque::with_capacity(records.len());
+        let mut rejected = Vec::new();
+        let mut failure: Option<SinkError> = None;
+        for record in records {
+            loop {
+                let mut message = FutureRecord::to(&self.topic).headers(record.headers.clone());
+                if let Some(key) = &record.key {
+                    message = message.key(key);
+                }
+                if let Some(value) = &record.value {
+                    message = message.payload(value);
+                }
+                match producer.send_result(message) {
+                    Ok(delivery) => {
+                        pending.push_back((record.index, delivery));
+                        break;
+                    }
+                    // The producer's queue is full: wait for the oldest record, then retry.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        match pending.pop_front() {
+                            Some((index, delivery)) => {
+                                settle(index, delivery.await, &mut rejected, &mut failure)
+                            }
+                            None => tokio::task::yield_now().await,
+                        }
+                    }
+                    Err((e, _)) => {
+                        match classify(&e) {
+                            ErrorClass::Permanent => rejected.push(Rejected {
+                                index: record.index,
+                                class: ErrorClass::Permanent,
+                                reason: format!("topic {}: {e}", self.topic),
+                            }),
+                            class => {
+                                failure.get_or_insert(SinkError::new(class, e.to_string()));
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        for (index, delivery) in pending {
+            settle(index, delivery.await, &mut rejected, &mut failure);
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(rejected),
+        }
+    }
+
+    /// One transaction: begin, send, dead-letter what was refused, send the offsets,
+    /// commit. Any failure aborts it.
+    async fn transaction(
+        &self,
+        input: &[WriteInput<'_>],
+        tx: &Transaction<'_>,
+    ) -> Result<Written, CommitError> {
+        let producer = self.producer()?;
+        let metadata = tx.group_metadata.ok_or_else(|| {
+            CommitError::Fenced("the consumer is not in its group (no group metadata)".into())
+        })?;
+        blocking(|| producer.begin_transaction()).map_err(transaction_error)?;
+        match self.in_transaction(producer, input, tx, metadata).await {
+            Ok(written) => Ok(written),
+            // Aborted whatever the failure, so readers never wait on it (a producer fenced
+            // by its id cannot abort: the broker aborted it already).
+            Err(e) => {
+                if let Err(abort) = blocking(|| producer.abort_transaction(TRANSACTION_TIMEOUT)) {
+                    tracing::warn!(error = %abort, "aborting the transaction failed");
+                    if let CommitError::Fenced(_) = transaction_error(abort) {
+                        return Err(match e {
+                            CommitError::Fenced(_) => e,
+                            other => CommitError::Fenced(other.to_string()),
+                        });
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn in_transaction(
+        &self,
+        producer: &FutureProducer,
+        input: &[WriteInput<'_>],
+        tx: &Transaction<'_>,
+        metadata: &ConsumerGroupMetadata,
+    ) -> Result<Written, CommitError> {
+        let (records, mut rejected) = self.outgoing(input);
+        match self.send_all(records).await {
+            Ok(refused) => rejected.extend(refused),
+            // A record that failed in a transaction makes it abortable: the batch is tried
+            // again in a new one.
+            Err(e) => {
+                return Err(CommitError::Sink(SinkError::new(
+                    match e.class {
+                        ErrorClass::Fatal => ErrorClass::Fatal,
+                        ErrorClass::Unavailable => ErrorClass::Unavailable,
+                        _ => ErrorClass::Transient,
+                    },
+                    e.message,
+                )));
+            }
+        }
+        rejected.sort_by_key(|r| r.index);
+        tx.before_commit.dead_letter(&rejected).await?;
+        let offsets = tx.offsets.to_list();
+        blocking(|| producer.send_offsets_to_transaction(&offsets, metadata, TRANSACTION_TIMEOUT))
+            .map_err(transaction_error)?;
+        blocking(|| producer.commit_transaction(TRANSACTION_TIMEOUT)).map_err(transaction_error)?;
+        Ok(Written {
+            rejected,
+            skipped: 0,
+        })
+    }
+}
+
+impl Sink for KafkaSink {
+    /// Checks the topic exists; with exactly-once, registers the transactional id (which
+    /// aborts what a predecessor with the same id left open, and fences it).
+    fn prepare(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let producer = self.producer()?;
+            let metadata = blocking(|| {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
+            })
+            .map_err(|e| SinkError::new(ErrorClass::Unavailable, e.to_string()))?;
+            let missing = metadata.topics().iter().any(|t| {
+                t.name() == self.topic && (t.error().is_some() || t.partitions().is_empty())
+            });
+            if missing {
+                return Err(SinkError::new(
+                    ErrorClass::Fatal,
+                    format!(
+                        "topic {:?} does not exist: create it (a KafkaTopic) first",
+                        self.topic
+                    ),
+                ));
+            }
+            if self.transactional {
+                blocking(|| producer.init_transactions(TRANSACTION_TIMEOUT)).map_err(|e| {
+                    SinkError::new(
+                        match transaction_error(e.clone()) {
+                            CommitError::Fenced(_) => ErrorClass::Fatal,
+                            _ => ErrorClass::Unavailable,
+                        },
+                        format!("cannot start transactions: {e}"),
+                    )
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        input: &'a [WriteInput<'a>],
+    ) -> BoxFuture<'a, Result<Written, SinkError>> {
+        Box::pin(async move {
+            if self.transactional {
+                return Err(SinkError::new(
+                    ErrorClass::Fatal,
+                    "a transactional kafka sink writes only with its offsets",
+                ));
+            }
+            let (records, mut rejected) = self.outgoing(input);
+            rejected.extend(self.send_all(records).await?);
+            rejected.sort_by_key(|r| r.index);
+            Ok(Written {
+                rejected,
+                skipped: 0,
+            })
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(producer) = &self.producer
+                && let Err(e) = blocking(|| producer.flush(Duration::from_secs(10)))
+            {
+                tracing::warn!(error = %e, "flushing the kafka sink's producer failed");
+            }
+        })
+    }
+
+    fn reads_event(&self) -> bool {
+        !self.value_as_is || self.variables.reads_event()
+    }
+
+    fn commit(&self) -> Commit {
+        if self.transactional {
+            Commit::KafkaTransaction
+        } else {
+            Commit::Group
+        }
+    }
+
+    fn write_committing<'a>(
+        &'a self,
+        input: &'a [WriteInput<'a>],
+        tx: &'a Transaction<'a>,
+    ) -> BoxFuture<'a, Result<Written, CommitError>> {
+        Box::pin(self.transaction(input, tx))
+    }
+}
+
+fn producer(
+    spec: &KafkaSpec,
+    exactly_once: bool,
+    connection: &Connection,
+) -> Result<FutureProducer, String> {
+    let mut config = connection.client.clone();
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // The Java producer's hash: a key lands on the partition Java clients choose.
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .set(
+            "compression.type",
+            match spec.compression {
+                KafkaCompression::None => "none",
+                KafkaCompression::Gzip => "gzip",
+                KafkaCompression::Snappy => "snappy",
+                KafkaCompression::Lz4 => "lz4",
+            },
+        );
+    if exactly_once {
+        config
+            .set("transactional.id", &connection.transactional_id)
+            .set("transaction.timeout.ms", "60000");
+    }
+    config
+        .create()
+        .map_err(|e| format!("cannot create the kafka sink's producer: {e}"))
+}
+
+/// Runs a call that blocks (librdkafka's transactional calls) off the async workers.
+fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
+}
+
+/// Adds one acknowledgement's outcome.
+fn settle(
+    index: usize,
+    delivered: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+    rejected: &mut Vec<Rejected>,
+    failure: &mut Option<SinkError>,
+) {
+    match delivered {
+        Ok(Ok(_)) => {}
+        Ok(Err((e, _))) => match classify(&e) {
+            ErrorClass::Permanent => rejected.push(Rejected {
+                index,
+                class: ErrorClass::Permanent,
+                reason: e.to_string(),
+            }),
+            class => {
+                failure.get_or_insert(SinkError::new(class, e.to_string()));
+            }
+        },
+        Err(_) => {
+            failure.get_or_insert(SinkError::new(
+                ErrorClass::Transient,
+                "the producer dropped a record before its acknowledgement",
+            ));
+        }
+    }
+}
+
+/// A produce error: the record itself refused (too large, invalid), or the broker not
+/// reachable, or something else that may pass.
+fn classify(error: &KafkaError) -> ErrorClass {
+    use RDKafkaErrorCode::*;
+    match error.rdkafka_error_code() {
+        Some(MessageSizeTooLarge | InvalidMessageSize | InvalidMessage | InvalidRecord) => {
+            ErrorClass::Permanent
+        }
+        Some(UnknownTopicOrPartition | UnknownTopic | TopicAuthorizationFailed) => {
+            ErrorClass::Fatal
+        }
+        Some(
+            MessageTimedOut
+            | AllBrokersDown
+            | BrokerTransportFailure
+            | NetworkException
+            | LeaderNotAvailable
+            | NotLeaderForPartition,
+        ) => ErrorClass::Unavailable,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// A transactional call's error: fencing (another producer with the same id, or a consumer
+/// group that moved on) stops this worker; anything else aborts the transaction and the
+/// batch is tried again.
+fn transaction_error(error: KafkaError) -> CommitError {
+    use RDKafkaErrorCode::*;
+    let fatal = matches!(&error, KafkaError::Transaction(e) if e.is_fatal());
+    let code = error.rdkafka_error_code();
+    let fenced = fatal
+        || matches!(
+            code,
+            Some(
+                ProducerFenced
+                    | InvalidProducerEpoch
+                    | FencedInstanceId
+                    | IllegalGeneration
+                    | UnknownMemberId
+                    | TransactionalIdAuthorizationFailed
+            )
+        );
+    if fenced {
+        return CommitError::Fenced(format!(
+            "the Kafka transaction was refused ({error}): another worker owns these partitions or this producer's id"
+        ));
+    }
+    CommitError::Sink(SinkError::new(
+        match code {
+            Some(AllBrokersDown | BrokerTransportFailure | MessageTimedOut) => {
+                ErrorClass::Unavailable
+            }
+            _ => ErrorClass::Transient,
+        },
+        format!("the Kafka transaction failed and was aborted: {error}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_too_large_record_is_refused_alone_and_an_outage_fails_the_write() {
+        assert_eq!(
+            classify(&KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge
+            )),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify(&KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut
+            )),
+            ErrorClass::Unavailable
+        );
+    }
+
+    #[test]
+    fn a_fenced_producer_stops_and_other_transaction_failures_are_retried() {
+        assert!(matches!(
+            transaction_error(KafkaError::MessageProduction(
+                RDKafkaErrorCode::ProducerFenced
+            )),
+            CommitError::Fenced(_)
+        ));
+        assert!(matches!(
+            transaction_error(KafkaError::MessageProduction(
+                RDKafkaErrorCode::CoordinatorLoadInProgress
+            )),
+            CommitError::Sink(_)
+        ));
+    }
+}
