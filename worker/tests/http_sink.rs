@@ -17,7 +17,7 @@ use anyhow::Context;
 use common::{DEADLINE, Worker, pipeline, produce, read_topic, wait_committed_async, wait_until};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use weir_testkit::TestKafka;
 
@@ -68,6 +68,8 @@ struct Receiver {
     port: u16,
     state: Arc<Mutex<State>>,
     tasks: Option<JoinSet<()>>,
+    /// Serves HTTPS with this certificate when set.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Receiver {
@@ -82,22 +84,58 @@ impl Receiver {
             port,
             state,
             tasks: None,
+            tls: None,
+        };
+        receiver.serve(listener);
+        Ok(receiver)
+    }
+
+    /// A receiver over HTTPS, its certificate (for 127.0.0.1) signed by `ca`.
+    async fn start_tls(certificate: &Certificates) -> anyhow::Result<Receiver> {
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![certificate.server.clone()],
+            certificate.server_key.clone_key(),
+        )?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let mut receiver = Receiver {
+            port: listener.local_addr()?.port(),
+            state: Arc::default(),
+            tasks: None,
+            tls: Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
         };
         receiver.serve(listener);
         Ok(receiver)
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/events", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/events", self.port)
     }
 
     fn serve(&mut self, listener: TcpListener) {
         let mut tasks = JoinSet::new();
         let state = self.state.clone();
+        let tls = self.tls.clone();
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                connections.spawn(connection(stream, state.clone()));
+                let (state, tls) = (state.clone(), tls.clone());
+                connections.spawn(async move {
+                    match tls {
+                        Some(tls) => {
+                            // A client that refuses the certificate ends the handshake.
+                            if let Ok(stream) = tls.accept(stream).await {
+                                connection(stream, state).await;
+                            }
+                        }
+                        None => connection(stream, state).await,
+                    }
+                });
             }
         });
         self.tasks = Some(tasks);
@@ -146,8 +184,11 @@ impl Receiver {
 }
 
 /// Serves one connection: HTTP/1.1 requests with a Content-Length body, kept alive.
-async fn connection(stream: TcpStream, state: Arc<Mutex<State>>) {
-    let (read, mut write) = stream.into_split();
+async fn connection<S>(stream: S, state: Arc<Mutex<State>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (read, mut write) = tokio::io::split(stream);
     let mut read = BufReader::new(read);
     loop {
         let mut line = String::new();
@@ -626,5 +667,110 @@ async fn a_record_failing_with_500_on_every_try_is_dead_lettered_alone() -> anyh
         );
         worker.stop()?;
     }
+    Ok(())
+}
+
+/// A throwaway CA, a certificate for 127.0.0.1 it signed, and a second CA that signed
+/// nothing here.
+struct Certificates {
+    ca_pem: String,
+    other_ca_pem: String,
+    server: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+    server_key: tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+fn certificates() -> anyhow::Result<Certificates> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_authority = |name: &str| -> anyhow::Result<(CertificateParams, KeyPair)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Ok((params, key))
+    };
+    let (ca, ca_key) = ca_authority("weir test CA")?;
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let (other, other_key) = ca_authority("another CA")?;
+    let other_ca_pem = other.self_signed(&other_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let server_key = KeyPair::generate()?;
+    let server =
+        CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&server_key, &issuer)?;
+    Ok(Certificates {
+        ca_pem,
+        other_ca_pem,
+        server: server.der().clone(),
+        server_key: tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(
+            server_key.serialize_der().into(),
+        ),
+    })
+}
+
+/// https:// is verified against the trusted roots the worker's SSL_CERT_FILE names: with the
+/// CA that signed the receiver's certificate the events land; with another CA nothing is
+/// sent, the worker reports not ready and keeps retrying (an untrusted certificate is an
+/// outage, not a reason to dead-letter).
+#[tokio::test(flavor = "multi_thread")]
+async fn https_is_verified_against_the_trusted_roots() -> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    let dir = tempfile::tempdir()?;
+    let certificates = certificates()?;
+    let ca = dir.path().join("ca.pem");
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&ca, &certificates.ca_pem)?;
+    std::fs::write(&other, &certificates.other_ca_pem)?;
+    let receiver = Receiver::start_tls(&certificates).await?;
+
+    let topic = kafka.create_topic("http-tls", 1, &[]).await?;
+    produce(&kafka, &topic, &events(0..10, 2, &[])).await?;
+    let trusted = http_pipeline(
+        "http-tls",
+        &topic,
+        json!({"url": receiver.url()}),
+        json!({}),
+    );
+    let ca_text = ca.display().to_string();
+    let mut worker = Worker::start(dir.path(), &kafka, &trusted, &[("SSL_CERT_FILE", &ca_text)])?;
+    wait_committed_async(&kafka, "test.http-tls", &topic, 10)
+        .await
+        .with_context(|| worker.log_text())?;
+    assert_each_once(&receiver, 0..10);
+    worker.stop()?;
+    let before = receiver.received().len();
+
+    let topic = kafka.create_topic("http-untrusted", 1, &[]).await?;
+    produce(&kafka, &topic, &events(0..10, 2, &[])).await?;
+    let untrusted = http_pipeline(
+        "http-untrusted",
+        &topic,
+        json!({"url": receiver.url()}),
+        json!({}),
+    );
+    let other_text = other.display().to_string();
+    let worker = Worker::start(
+        dir.path(),
+        &kafka,
+        &untrusted,
+        &[("SSL_CERT_FILE", &other_text)],
+    )?;
+    wait_until("the worker reports not ready and retries", DEADLINE, || {
+        Ok(
+            (worker.readyz() == Some(503) && worker.metric("weir_retries_total").unwrap_or(0) >= 2)
+                .then_some(()),
+        )
+    })
+    .with_context(|| worker.log_text())?;
+    let log = worker.log_text();
+    assert!(log.contains("invalid peer certificate"), "{log}");
+    assert_eq!(
+        receiver.received().len(),
+        before,
+        "a request passed an untrusted certificate"
+    );
+    assert_eq!(
+        common::committed_total(&kafka, "test.http-untrusted", &topic)?,
+        0
+    );
+    // Dropped, so killed: a worker stopped while its sink is unreachable exits with 1.
     Ok(())
 }
