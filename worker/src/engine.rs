@@ -422,6 +422,10 @@ impl Engine {
     }
 
     fn forget_revoked(&mut self) {
+        if self.keeper.is_none() {
+            // Assignments matter only to offsets kept by the sink; drop the notes.
+            drop(self.consumer.context().take_assigned());
+        }
         let revoked = self.revocations.take();
         if !revoked.is_empty() {
             let dropped = self.batch.forget_partitions(&revoked);

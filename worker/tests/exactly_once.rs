@@ -11,7 +11,7 @@ use common::{
     DEADLINE, committed_total, pipeline, produce, read_topic, start_with_args, wait_until,
 };
 use serde_json::{Value, json};
-use weir_testkit::{TestDatabase, TestKafka};
+use weir_testkit::{TestDatabase, TestKafka, TestMySqlDatabase};
 
 async fn kafka() -> anyhow::Result<TestKafka> {
     Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
@@ -284,6 +284,102 @@ async fn postgres_exactly_once_dead_letters_a_refused_record_inside_the_transact
     .await?;
     assert_eq!(next, Some(100));
     assert_eq!(rows(&db.pool).await?, 99);
+    worker.stop()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_exactly_once_sigkill_at_10_random_moments_applies_every_event_once()
+-> anyhow::Result<()> {
+    const TOTAL: i64 = 20_000;
+    let kafka = kafka().await?;
+    let topic = kafka.create_topic("eo-my-kill", 4, &[]).await?;
+    let db = TestMySqlDatabase::create().await?;
+    // Insert-only, no idempotency key, a unique constraint on the source position: a
+    // second copy stops the worker (no dead-letter topic) and fails the test.
+    sqlx::query(
+        "CREATE TABLE events (id BIGINT NOT NULL, src_partition INT NOT NULL, src_offset BIGINT NOT NULL,
+         UNIQUE (src_partition, src_offset))",
+    )
+    .execute(&db.pool)
+    .await?;
+    let mut doc = insert_pipeline("eo-my-kill", &topic, json!({}));
+    let postgres = doc["spec"]["sinks"][0]["postgres"].take();
+    doc["spec"]["sinks"][0] = json!({"mysql": postgres});
+    let dir = tempfile::tempdir()?;
+    let producer = {
+        let (kafka, topic) = (kafka.clone(), topic.clone());
+        tokio::spawn(async move {
+            for chunk in 0..20 {
+                produce(&kafka, &topic, &events(chunk * 1000..(chunk + 1) * 1000)).await?;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let start = || {
+        start_with_args(
+            dir.path(),
+            &kafka,
+            &doc,
+            &[("DB", &db.url)],
+            &["--instance-id", "worker-0"],
+        )
+    };
+    let rows = |pool: sqlx::MySqlPool| async move {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events")
+            .fetch_one(&pool)
+            .await?;
+        anyhow::Ok(n)
+    };
+    let mut rng = fastrand::Rng::with_seed(14);
+    let mut last = 0;
+    for kill in 0..10 {
+        let mut worker = start()?;
+        let started = std::time::Instant::now();
+        loop {
+            let n = rows(db.pool.clone()).await?;
+            if n > last || n >= TOTAL {
+                last = n;
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < DEADLINE,
+                "kill {kill}: no progress past {last} rows\n{}",
+                worker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..150))).await;
+        worker.signal("KILL")?;
+        worker.wait(DEADLINE)?;
+    }
+    producer.await??;
+    let mut worker = start()?;
+    let started = std::time::Instant::now();
+    while rows(db.pool.clone()).await? < TOTAL {
+        anyhow::ensure!(
+            started.elapsed() < DEADLINE,
+            "rows did not reach {TOTAL}\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        rows(db.pool.clone()).await?,
+        TOTAL,
+        "every event exactly once"
+    );
+    let (offsets,): (i64,) = sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(next_offset), 0) AS SIGNED) FROM weir_offsets WHERE consumer_group = 'test.eo-my-kill'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(
+        offsets, TOTAL,
+        "the offsets kept with the rows are the topic's end"
+    );
+    assert!(worker.is_running(), "{}", worker.log_text());
     worker.stop()?;
     Ok(())
 }

@@ -66,11 +66,11 @@ impl EventPipelineSpec {
     }
 
     /// Exactly-once needs one sink that commits the consumed offsets in its own transaction
-    /// with the data: a postgres table (offsets in the same database transaction) or a
-    /// kafka topic on the pipeline's own cluster (a Kafka transaction). Several sinks cannot
-    /// commit atomically together.
+    /// with the data: a postgres or mysql table (offsets in the same database
+    /// transaction) or a kafka topic on the pipeline's own cluster (a Kafka transaction).
+    /// Several sinks cannot commit atomically together.
     fn check_exactly_once(&self, spec: &mut Collector<'_>) {
-        const WHICH: &str = "ExactlyOnce needs exactly one sink that commits the consumed offsets in its own transaction: postgres, or kafka on the pipeline's own cluster";
+        const WHICH: &str = "ExactlyOnce needs exactly one sink that commits the consumed offsets in its own transaction: postgres, mysql, or kafka on the pipeline's own cluster";
         if self.sinks.len() > 1 {
             spec.field_error(
                 "delivery",
@@ -85,7 +85,7 @@ impl EventPipelineSpec {
             for kind in sink.kinds() {
                 let mut at = spec.index("sinks", i);
                 match kind {
-                    "postgres" => {}
+                    "postgres" | "mysql" => {}
                     "kafka" if sink.kafka.as_ref().is_some_and(|k| k.connection_ref.is_some()) => {
                         at.at("kafka").field_error(
                             "connectionRef",
@@ -98,7 +98,7 @@ impl EventPipelineSpec {
                         format!(
                             "the {other} sink cannot commit the consumed offsets in its own transaction, so spec.delivery ExactlyOnce is refused: use AtLeastOnce{}",
                             match other {
-                                "mysql" | "sqlite" => " with spec.idempotency",
+                                "sqlite" => " with spec.idempotency",
                                 _ => "",
                             }
                         ),
@@ -211,9 +211,16 @@ mod tests {
     }
 
     #[test]
-    fn exactly_once_runs_with_one_postgres_sink() {
+    fn exactly_once_runs_with_one_postgres_mysql_or_kafka_sink() {
         let s = spec(serde_json::json!({"delivery": "ExactlyOnce"}));
         assert_eq!(paths(&s), Vec::<String>::new());
+        for sink in [
+            serde_json::json!({"mysql": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}}),
+            serde_json::json!({"kafka": {"topic": "out"}}),
+        ] {
+            let s = spec(serde_json::json!({"delivery": "ExactlyOnce", "sinks": [sink]}));
+            assert_eq!(paths(&s), Vec::<String>::new());
+        }
     }
 
     #[test]

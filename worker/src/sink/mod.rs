@@ -227,7 +227,11 @@ fn build_with(
                     mysql: Some(my), ..
                 } => {
                     let url = url("mysql", &my.url, &my.url_from, &format!("{at}.mysql"))?;
-                    Box::new(mysql::build(my, &url, idempotency.clone())?)
+                    let table = mysql::build(my, &url, idempotency.clone())?;
+                    Box::new(match spec.delivery {
+                        weir_crds::Delivery::ExactlyOnce => table.keeping_offsets(scope),
+                        weir_crds::Delivery::AtLeastOnce => table,
+                    })
                 }
                 SinkSpec {
                     sqlite: Some(lite), ..

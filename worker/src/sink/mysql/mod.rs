@@ -1,7 +1,8 @@
 //! The MySQL sink (MySQL and MariaDB): the SQL table sink over MySQL's protocol. One
 //! transaction per batch; each group of the batch's plan (see `sql::plan`) runs as
 //! multi-row statements, each sized to stay under the server's `max_allowed_packet`.
-//! Idempotency keys are written in the same transaction as the rows.
+//! Idempotency keys, and with exactly-once the consumed offsets, are written in the same
+//! transaction as the rows.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,11 +13,13 @@ use sqlx::mysql::{MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql as Driver, MySqlConnection};
 use weir_crds::{ColumnType, SqlSink};
 
+use super::Rejected;
 use super::SinkError;
 use super::redact;
 use super::sql::plan::{Action, Group, Row, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int, parse_timestamp, parse_uuid};
-use super::sql::{Applied, Dialect, Fresh, Idempotency, SqlTable};
+use super::sql::{Applied, Claim, Committing, Dialect, Fresh, Idempotency, SqlTable, merge};
+use crate::commit::CommitError;
 use crate::retry::ErrorClass;
 
 /// MySQL's limit on the placeholders of one prepared statement.
@@ -117,33 +120,187 @@ impl Dialect for MySql {
     ) -> Result<Applied, SinkError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let budget = self.statement_budget(&mut tx).await?;
-        let fresh = match idempotency {
-            None => Fresh {
-                steps: steps.to_vec(),
-                keys: Vec::new(),
-                duplicates: 0,
-            },
-            Some(idempotency) => {
-                let keys = idempotency.keys_of(steps);
-                let seen = seen_keys(&mut tx, idempotency, &keys).await?;
-                Idempotency::fresh(steps, keys, seen)
-            }
-        };
-        let plan = plan(spec, &fresh.steps);
-        let mut stale = plan.stale;
-        for group in &plan.groups {
-            stale += execute(&mut tx, spec, group, budget).await?;
-        }
-        if let Some(idempotency) = idempotency {
-            record_keys(&mut tx, idempotency, &fresh.keys).await?;
-        }
+        let applied = apply(&mut tx, spec, idempotency, steps, budget).await?;
         tx.commit().await.map_err(classify)?;
-        Ok(Applied::new(plan.rejected, fresh.duplicates + stale))
+        Ok(applied)
     }
 
     async fn close(&self) {
         self.pool.close().await;
     }
+
+    fn keeps_offsets(&self) -> bool {
+        true
+    }
+
+    async fn create_offsets_table(&self) -> Result<(), SinkError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS weir_offsets (
+                consumer_group VARCHAR(255) NOT NULL,
+                topic VARCHAR(255) NOT NULL,
+                partition_id INT NOT NULL,
+                next_offset BIGINT NULL,
+                generation BIGINT NOT NULL,
+                updated_at DATETIME(6) NOT NULL,
+                PRIMARY KEY (consumer_group, topic, partition_id))",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        group: &str,
+        partitions: &[(String, i32)],
+    ) -> Result<Vec<Claim>, SinkError> {
+        // One transaction: the rows stay locked from the raise to the read.
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut claimed = Vec::with_capacity(partitions.len());
+        for (topic, partition) in partitions {
+            sqlx::query(
+                "INSERT INTO weir_offsets (consumer_group, topic, partition_id, next_offset, generation, updated_at)
+                 VALUES (?, ?, ?, NULL, 1, UTC_TIMESTAMP(6))
+                 ON DUPLICATE KEY UPDATE generation = generation + 1, updated_at = UTC_TIMESTAMP(6)",
+            )
+            .bind(group)
+            .bind(topic)
+            .bind(partition)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            let (next, generation): (Option<i64>, i64) = sqlx::query_as(
+                "SELECT next_offset, generation FROM weir_offsets
+                 WHERE consumer_group = ? AND topic = ? AND partition_id = ?",
+            )
+            .bind(group)
+            .bind(topic)
+            .bind(partition)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+            claimed.push(Claim { generation, next });
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(claimed)
+    }
+
+    async fn transaction_committing(
+        &self,
+        spec: &SqlSink,
+        idempotency: Option<&Idempotency>,
+        steps: &[Step<'_>],
+        commit: Committing<'_>,
+    ) -> Result<Applied, CommitError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let budget = self.statement_budget(&mut tx).await?;
+        let mut applied = Applied::default();
+        // Parts of the steps to try, the next on top: a part the database refuses is rolled
+        // back to its savepoint and split until each refused step stands alone.
+        let mut parts = vec![(0, steps.len())];
+        while let Some((from, to)) = parts.pop() {
+            if from == to {
+                continue;
+            }
+            sqlx::query("SAVEPOINT weir_part")
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            match apply(&mut tx, spec, idempotency, &steps[from..to], budget).await {
+                Ok(part) => {
+                    sqlx::query("RELEASE SAVEPOINT weir_part")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    merge(&mut applied, part);
+                }
+                Err(e) if e.class == ErrorClass::Permanent => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT weir_part")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    if to - from == 1 {
+                        applied.rejected.push(Rejected {
+                            index: steps[from].index,
+                            class: ErrorClass::Permanent,
+                            reason: e.message,
+                        });
+                    } else {
+                        let middle = from + (to - from) / 2;
+                        parts.push((middle, to));
+                        parts.push((from, middle));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let refused: Vec<Rejected> = commit
+            .refused
+            .iter()
+            .chain(&applied.rejected)
+            .cloned()
+            .collect();
+        commit.before_commit.dead_letter(&refused).await?;
+        for m in commit.moves {
+            let moved = sqlx::query(
+                "UPDATE weir_offsets SET next_offset = ?, updated_at = UTC_TIMESTAMP(6)
+                 WHERE consumer_group = ? AND topic = ? AND partition_id = ?
+                   AND generation = ? AND next_offset <=> ?",
+            )
+            .bind(m.next)
+            .bind(commit.group)
+            .bind(&m.topic)
+            .bind(m.partition)
+            .bind(m.generation)
+            .bind(m.expected)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+            if moved != 1 {
+                // Dropping the transaction rolls it back.
+                return Err(CommitError::Fenced(format!(
+                    "{}/{} was claimed by another worker since this one took it",
+                    m.topic, m.partition
+                )));
+            }
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(applied)
+    }
+}
+
+/// Applies steps inside a transaction: with idempotency, skips the steps whose key was
+/// applied within the window and records the new keys.
+async fn apply(
+    conn: &mut MySqlConnection,
+    spec: &SqlSink,
+    idempotency: Option<&Idempotency>,
+    steps: &[Step<'_>],
+    budget: usize,
+) -> Result<Applied, SinkError> {
+    let fresh = match idempotency {
+        None => Fresh {
+            steps: steps.to_vec(),
+            keys: Vec::new(),
+            duplicates: 0,
+        },
+        Some(idempotency) => {
+            let keys = idempotency.keys_of(steps);
+            let seen = seen_keys(&mut *conn, idempotency, &keys).await?;
+            Idempotency::fresh(steps, keys, seen)
+        }
+    };
+    let plan = plan(spec, &fresh.steps);
+    let mut stale = plan.stale;
+    for group in &plan.groups {
+        stale += execute(&mut *conn, spec, group, budget).await?;
+    }
+    if let Some(idempotency) = idempotency {
+        record_keys(&mut *conn, idempotency, &fresh.keys).await?;
+    }
+    Ok(Applied::new(plan.rejected, fresh.duplicates + stale))
 }
 
 fn window_micros(idempotency: &Idempotency) -> i64 {
