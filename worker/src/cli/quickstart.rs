@@ -169,6 +169,9 @@ fn pipeline(database: &Path) -> anyhow::Result<(Manifest<EventPipelineSpec>, i32
             sink.sqlite = Some(table);
         }
     }
+    // SQLite keeps no offsets with its rows: at-least-once, and the idempotency keys make a
+    // redelivered event change nothing.
+    pipeline.spec.delivery = weir_crds::Delivery::AtLeastOnce;
     if let Err(problems) = pipeline.spec.validate() {
         bail!("the quickstart pipeline is invalid: {problems}");
     }
