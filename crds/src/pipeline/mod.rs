@@ -100,7 +100,7 @@ pub struct EventPipelineSpec {
     /// AtLeastOnce (the default): offsets are committed after every sink acknowledged.
     /// ExactlyOnce: each event is applied once even when a worker is killed or loses its
     /// partitions; needs exactly one sink that commits the consumed offsets with the data
-    /// (postgres, or kafka on the pipeline's own cluster).
+    /// (postgres, mysql, or kafka on the pipeline's own cluster).
     #[serde(default)]
     pub delivery: Delivery,
     /// How many workers run. This version runs `scaling.minReplicas` workers (when
@@ -328,12 +328,12 @@ pub enum Delivery {
     /// Offsets are committed after every sink acknowledged; a crash may apply a record again.
     #[default]
     AtLeastOnce,
-    /// Each event is applied once. With a postgres sink the consumed offsets are kept in
-    /// the table `weir_offsets` of the same database and written in the same transaction
-    /// as the rows; a worker resumes from them, and one that lost its partitions commits
-    /// nothing. With a kafka sink the records and the consumed offsets are committed in one
-    /// Kafka transaction (readers use `isolation.level=read_committed`). Needs exactly one
-    /// sink.
+    /// Each event is applied once. With a postgres or mysql sink the consumed offsets are
+    /// kept in the table `weir_offsets` of the same database and written in the same
+    /// transaction as the rows; a worker resumes from them, and one that lost its
+    /// partitions commits nothing. With a kafka sink the records and the consumed offsets
+    /// are committed in one Kafka transaction (readers use
+    /// `isolation.level=read_committed`). Needs exactly one sink.
     ExactlyOnce,
 }
 
