@@ -21,6 +21,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::observe::{Cause, Failure, Observer};
+use super::wire::{Wire, WireError};
 
 /// A failed admin operation.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,9 @@ pub enum AdminError {
         code: RDKafkaErrorCode,
         message: String,
     },
+    /// A request librdkafka does not offer, over the wire protocol.
+    #[error(transparent)]
+    Wire(#[from] WireError),
 }
 
 impl AdminError {
@@ -63,6 +67,14 @@ impl AdminError {
             AdminError::Connection { failure, .. } => failure.cause,
             AdminError::Timeout { .. } | AdminError::Unreachable { .. } => Cause::Unreachable,
             AdminError::Kafka { .. } | AdminError::Refused { .. } => Cause::Other,
+            AdminError::Wire(wire) => match wire {
+                WireError::Authentication { .. } => Cause::Authentication,
+                WireError::Tls { .. } => Cause::Tls,
+                WireError::Unreachable { .. } | WireError::Timeout { .. } => Cause::Unreachable,
+                WireError::Settings(_) | WireError::Refused { .. } | WireError::Protocol { .. } => {
+                    Cause::Other
+                }
+            },
         }
     }
 }
@@ -509,4 +521,31 @@ fn refused(
         })?;
     }
     Ok(())
+}
+
+/// The requests librdkafka does not offer, through [`Wire`] with this client's settings.
+impl Admin {
+    /// Sets `set` and removes `delete` (back to the defaults) on the topic's configs with
+    /// IncrementalAlterConfigs: every other config stays as the broker has it at that
+    /// moment, so a concurrent change to a key this call does not name is never lost.
+    pub async fn alter_configs(
+        &self,
+        topic: &str,
+        set: &BTreeMap<String, String>,
+        delete: &[String],
+    ) -> Result<(), AdminError> {
+        Ok(self.wire()?.alter_topic_configs(topic, set, delete).await?)
+    }
+
+    /// The id Kafka gave the topic, as Kafka's own tools print it (base64url, no
+    /// padding); `None` when there is no such topic.
+    pub async fn topic_id(&self, topic: &str) -> Result<Option<String>, AdminError> {
+        use base64::Engine as _;
+        let id = self.wire()?.topic_id(topic).await?;
+        Ok(id.map(|id| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())))
+    }
+
+    fn wire(&self) -> Result<Wire, AdminError> {
+        Ok(Wire::new(&self.config, self.timeout)?)
+    }
 }

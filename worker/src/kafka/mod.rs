@@ -11,7 +11,9 @@
 mod admin;
 mod config;
 mod observe;
+mod wire;
 
 pub use admin::{Admin, AdminError, ClusterInfo, TopicState};
 pub use config::{ConfigError, Credentials, Role, SecretPurpose, client_config, secret_selectors};
 pub use observe::{Cause, Failure, Observer, Throttle, ThrottleReport};
+pub use wire::{Wire, WireError};

@@ -16,8 +16,15 @@ pub struct Plan {
     pub create: bool,
     /// Raise the partitions to this count.
     pub raise_partitions: Option<i32>,
-    /// Managed configs that differ (set them all, keeping the topic's other configs).
-    pub drifted_configs: Vec<String>,
+    /// Managed configs to set, incrementally (the topic's other configs stay as the
+    /// broker has them): the spec changed them, or someone changed them on the broker.
+    pub set_configs: BTreeMap<String, String>,
+    /// Of those, the ones someone changed on the broker after this resource set them, as
+    /// (key, value found): reported as drift before they are put back.
+    pub drifted: Vec<(String, Option<String>)>,
+    /// Configs this resource set before and the spec no longer manages: back to the
+    /// broker's default.
+    pub unset_configs: Vec<String>,
     /// What cannot be done, as (reason, message); the first names the condition's reason.
     pub problems: Vec<(&'static str, String)>,
 }
@@ -60,10 +67,27 @@ pub fn plan(topic: &KafkaTopic, name: &str, current: Option<&TopicState>) -> Pla
             ),
         ));
     }
-    plan.drifted_configs = managed
-        .iter()
-        .filter(|(k, v)| state.configs.get(*k) != Some(*v))
-        .map(|(k, _)| k.clone())
+    // What this resource set last time (its status), to tell someone else's change on
+    // the broker from a change of the spec.
+    let applied = topic
+        .status
+        .as_ref()
+        .map(|s| s.config.clone())
+        .unwrap_or_default();
+    for (key, wanted) in &managed {
+        let found = state.configs.get(key);
+        if found == Some(wanted) {
+            continue;
+        }
+        if applied.get(key) == Some(wanted) {
+            plan.drifted.push((key.clone(), found.cloned()));
+        }
+        plan.set_configs.insert(key.clone(), wanted.clone());
+    }
+    plan.unset_configs = applied
+        .keys()
+        .filter(|k| !managed.contains_key(*k) && state.topic_configs.contains_key(*k))
+        .cloned()
         .collect();
     plan.managed = managed;
     plan
@@ -83,6 +107,48 @@ mod tests {
         KafkaTopic::new("t", spec)
     }
 
+    /// `topic` as last applied with `applied` as its managed configs.
+    fn applied(mut topic: KafkaTopic, applied: &[(&str, &str)]) -> KafkaTopic {
+        topic.status = Some(weir_crds::KafkaTopicStatus {
+            config: applied
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        });
+        topic
+    }
+
+    #[test]
+    fn a_managed_config_changed_on_the_broker_is_drift_and_is_put_back() {
+        let t = applied(topic(3, None, "2000"), &[("retention.ms", "2000")]);
+        let p = plan(&t, "t", Some(&state(3, 1, "1000")));
+        assert_eq!(
+            p.drifted,
+            vec![("retention.ms".to_owned(), Some("1000".to_owned()))]
+        );
+        assert_eq!(
+            p.set_configs.get("retention.ms").map(String::as_str),
+            Some("2000")
+        );
+        assert!(p.unset_configs.is_empty());
+    }
+
+    #[test]
+    fn a_config_the_spec_stopped_managing_goes_back_to_the_default() {
+        let t = applied(
+            topic(3, None, "1000"),
+            &[("retention.ms", "1000"), ("cleanup.policy", "compact")],
+        );
+        let mut current = state(3, 1, "1000");
+        current
+            .topic_configs
+            .insert("cleanup.policy".to_owned(), "compact".to_owned());
+        let p = plan(&t, "t", Some(&current));
+        assert_eq!(p.unset_configs, vec!["cleanup.policy".to_owned()]);
+        assert!(p.set_configs.is_empty() && p.drifted.is_empty());
+    }
+
     fn state(partitions: i32, rf: i32, retention: &str) -> TopicState {
         TopicState {
             partitions,
@@ -100,7 +166,7 @@ mod tests {
             (
                 same.create,
                 same.raise_partitions,
-                same.drifted_configs.len(),
+                same.set_configs.len(),
                 same.problems.len()
             ),
             (false, None, 0, 0)
@@ -108,10 +174,14 @@ mod tests {
     }
 
     #[test]
-    fn raises_partitions_sets_drifted_configs_and_refuses_what_kafka_cannot_do() {
+    fn raises_partitions_sets_changed_configs_and_refuses_what_kafka_cannot_do() {
         let p = plan(&topic(6, None, "2000"), "t", Some(&state(3, 1, "1000")));
         assert_eq!(p.raise_partitions, Some(6));
-        assert_eq!(p.drifted_configs, vec!["retention.ms".to_owned()]);
+        assert_eq!(
+            p.set_configs,
+            BTreeMap::from([("retention.ms".to_owned(), "2000".to_owned())])
+        );
+        assert_eq!(p.drifted, vec![], "a spec change is not drift");
         let p = plan(&topic(2, Some(3), "1000"), "t", Some(&state(3, 1, "1000")));
         let reasons: Vec<&str> = p.problems.iter().map(|(r, _)| *r).collect();
         assert_eq!(

@@ -138,7 +138,16 @@ async fn reconcile_inner(topic: &KafkaTopic, ctx: &Context) -> Result<Action, Er
     let refs = dereference::dereference(ctx, topic).await?;
     validate::against_cluster(topic, &refs)?;
     let plan = build::plan(topic, &name, refs.current.as_ref());
-    let (topic, status, state) = carry_out(ctx, &api, topic, &refs, &plan).await?;
+    let (topic, mut status, state) = carry_out(ctx, &api, topic, &refs, &plan).await?;
+    if status.topic_id.is_none() {
+        // Read once: a topic keeps its id for life.
+        match refs.admin.topic_id(&name).await {
+            Ok(id) => status.topic_id = id,
+            Err(e) => {
+                tracing::warn!(topic = %name, error = %e, "cannot read the topic id; the next reconcile tries again")
+            }
+        }
+    }
     let status = status::applied(status, &topic, &plan, &state);
     ctx.write_status(&topic, topic.status.as_ref(), &status)
         .await?;
@@ -273,16 +282,50 @@ async fn carry_out(
         .await;
         changed = true;
     }
-    if !plan.drifted_configs.is_empty() {
-        admin.set_configs(&name, &plan.managed, current).await?;
+    if !plan.drifted.is_empty() {
+        // Said before it is put back, so whoever changed it can see why it reverted.
+        let found: Vec<String> = plan
+            .drifted
+            .iter()
+            .map(|(key, value)| {
+                format!(
+                    "{key} (found {}, spec {})",
+                    value.as_deref().unwrap_or("the default"),
+                    plan.managed.get(key).map_or("", String::as_str)
+                )
+            })
+            .collect();
+        ctx.event(
+            &topic,
+            true,
+            "Drifted",
+            format!(
+                "managed config of Kafka topic {name} changed outside this resource: {}; putting it back",
+                found.join(", ")
+            ),
+        )
+        .await;
+    }
+    if !plan.set_configs.is_empty() || !plan.unset_configs.is_empty() {
+        admin
+            .alter_configs(&name, &plan.set_configs, &plan.unset_configs)
+            .await?;
+        let mut done = Vec::new();
+        if !plan.set_configs.is_empty() {
+            let keys: Vec<&str> = plan.set_configs.keys().map(String::as_str).collect();
+            done.push(format!("set {}", keys.join(", ")));
+        }
+        if !plan.unset_configs.is_empty() {
+            done.push(format!(
+                "reset {} to the broker's default (no longer in spec.config)",
+                plan.unset_configs.join(", ")
+            ));
+        }
         ctx.event(
             &topic,
             false,
             "ConfigUpdated",
-            format!(
-                "set {} on Kafka topic {name}",
-                plan.drifted_configs.join(", ")
-            ),
+            format!("{} on Kafka topic {name}", done.join("; ")),
         )
         .await;
         changed = true;

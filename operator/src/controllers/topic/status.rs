@@ -70,6 +70,24 @@ pub fn applied(
         .collect();
     conditions::remove(&mut status.conditions, RECONCILING);
     match plan.problems.first() {
+        None if !plan.drifted.is_empty() => {
+            let keys: Vec<&str> = plan.drifted.iter().map(|(k, _)| k.as_str()).collect();
+            conditions::set(
+                &mut status.conditions,
+                READY,
+                true,
+                "Drifted",
+                format!(
+                    "{} of Kafka topic {name} had been changed outside this resource and was put back to the spec (see the Drifted Event for when and what was found)",
+                    keys.join(", ")
+                ),
+                generation,
+            )
+        }
+        // The last drift stays reported until the spec changes.
+        None if status.conditions.iter().any(|c| {
+            c.type_ == READY && c.reason == "Drifted" && c.observed_generation == generation
+        }) => {}
         None => conditions::set(
             &mut status.conditions,
             READY,
