@@ -23,6 +23,7 @@ pub mod error;
 pub mod kafka;
 pub mod leader;
 pub mod metrics;
+pub mod plugin;
 pub mod rbac;
 
 /// The pipeline's build stage, by its usual name.
