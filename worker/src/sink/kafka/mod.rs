@@ -190,9 +190,15 @@ impl KafkaSink {
         })
     }
 
-    /// Sends every record and waits for every acknowledgement. Records the broker refuses
-    /// for themselves (too large) are returned; any other failure fails the whole write.
-    async fn send_all(&self, records: Vec<Outgoing>) -> Result<Vec<Rejected>, SinkError> {
+    /// Sends every record and, with `acknowledged`, waits for every acknowledgement.
+    /// Records refused for themselves (too large) are returned; any other failure fails the
+    /// whole write. Inside a transaction the acknowledgements need no waiting: committing
+    /// it waits for them, and fails when one failed.
+    async fn send_all(
+        &self,
+        records: Vec<Outgoing>,
+        acknowledged: bool,
+    ) -> Result<Vec<Rejected>, SinkError> {
         let producer = self.producer()?;
         let mut pending: std::collections::VecDeque<(usize, DeliveryFuture)> =
             std::collections::VecDeque::with_capacity(records.len());
@@ -237,8 +243,10 @@ impl KafkaSink {
                 }
             }
         }
-        for (index, delivery) in pending {
-            settle(index, delivery.await, &mut rejected, &mut failure);
+        if acknowledged {
+            for (index, delivery) in pending {
+                settle(index, delivery.await, &mut rejected, &mut failure);
+            }
         }
         match failure {
             Some(e) => Err(e),
@@ -285,7 +293,7 @@ impl KafkaSink {
         metadata: &ConsumerGroupMetadata,
     ) -> Result<Written, CommitError> {
         let (records, mut rejected) = self.outgoing(input);
-        match self.send_all(records).await {
+        match self.send_all(records, false).await {
             Ok(refused) => rejected.extend(refused),
             // A record that failed in a transaction makes it abortable: the batch is tried
             // again in a new one.
@@ -364,7 +372,7 @@ impl Sink for KafkaSink {
                 ));
             }
             let (records, mut rejected) = self.outgoing(input);
-            rejected.extend(self.send_all(records).await?);
+            rejected.extend(self.send_all(records, true).await?);
             rejected.sort_by_key(|r| r.index);
             Ok(Written {
                 rejected,
