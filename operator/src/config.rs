@@ -25,6 +25,8 @@ pub struct OperatorConfig {
     pub kafka_timeout: Duration,
     /// How often a Ready resource is checked again for drift.
     pub resync: Duration,
+    /// How often a pipeline's consumer-group lag is read (and the autoscaler decides).
+    pub lag_interval: Duration,
     /// Longest a reconcile may take (an API server that stops answering): it then fails
     /// and is retried with backoff.
     pub reconcile_timeout: Duration,
@@ -43,6 +45,7 @@ impl Default for OperatorConfig {
             lease_duration: Duration::from_secs(15),
             kafka_timeout: Duration::from_secs(10),
             resync: Duration::from_secs(300),
+            lag_interval: Duration::from_secs(5),
             reconcile_timeout: Duration::from_secs(120),
         }
     }

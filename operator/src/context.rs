@@ -22,6 +22,9 @@ pub use crate::error::{Category, Error};
 /// A client configuration as a sorted list of properties (a cache key).
 type ClientProperties = Vec<(String, String)>;
 
+/// A pipeline's last apply: its generation, config hash and time.
+type Applied = (Option<i64>, String, Instant);
+
 /// State shared by the controllers.
 #[derive(Clone)]
 pub struct Context {
@@ -38,6 +41,11 @@ pub struct Context {
     /// The category of each object's last failure: a Warning Event is published when it
     /// is new, not once per retry.
     last_failure: Arc<Mutex<HashMap<String, Category>>>,
+    /// The autoscaler's memory per pipeline (by uid).
+    autoscaler: Arc<Mutex<HashMap<String, crate::autoscale::PipelineState>>>,
+    /// Per pipeline (by uid): the generation and config hash last applied, and when, so a
+    /// lag-interval reconcile re-applies the children only when they may differ.
+    applied: Arc<Mutex<HashMap<String, Applied>>>,
     /// One admin client per distinct set of client properties: a librdkafka client owns
     /// threads and connections, far too much to make per reconcile.
     admins: Arc<Mutex<HashMap<ClientProperties, Admin>>>,
@@ -75,6 +83,8 @@ impl Context {
             topics,
             failures: Arc::default(),
             last_failure: Arc::default(),
+            autoscaler: Arc::default(),
+            applied: Arc::default(),
             admins: Arc::default(),
         }
     }
@@ -97,6 +107,39 @@ impl Context {
         let admin = Admin::new(config, self.config.kafka_timeout)?;
         admins.insert(key, admin.clone());
         Ok(admin)
+    }
+
+    /// Runs `f` on the autoscaler's memory of the pipeline with `uid`.
+    pub fn autoscaler<T>(
+        &self,
+        uid: &str,
+        f: impl FnOnce(&mut crate::autoscale::PipelineState) -> T,
+    ) -> Result<T, Error> {
+        let mut states = self
+            .autoscaler
+            .lock()
+            .map_err(|_| Error::Poisoned("autoscaler state"))?;
+        Ok(f(states.entry(uid.to_owned()).or_default()))
+    }
+
+    /// Whether the pipeline `uid`'s children were applied for this generation and config
+    /// hash within the resync period.
+    pub fn applied_recently(&self, uid: &str, generation: Option<i64>, hash: &str) -> bool {
+        self.applied.lock().is_ok_and(|applied| {
+            applied.get(uid).is_some_and(|(g, h, at)| {
+                *g == generation && h == hash && at.elapsed() < self.config.resync
+            })
+        })
+    }
+
+    /// Records that the pipeline `uid`'s children were applied.
+    pub fn mark_applied(&self, uid: &str, generation: Option<i64>, hash: &str) {
+        if let Ok(mut applied) = self.applied.lock() {
+            applied.insert(
+                uid.to_owned(),
+                (generation, hash.to_owned(), Instant::now()),
+            );
+        }
     }
 
     /// Runs one reconcile of `object` in a span, counting it in the metrics; a success

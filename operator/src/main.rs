@@ -61,6 +61,9 @@ struct RunArgs {
     /// How often a Ready resource is checked again for drift.
     #[arg(long, env = "WEIR_RESYNC", default_value = "5m", value_parser = humantime_duration)]
     resync: Duration,
+    /// How often each pipeline's consumer-group lag is read and the autoscaler decides.
+    #[arg(long, env = "WEIR_LAG_INTERVAL", default_value = "5s", value_parser = humantime_duration)]
+    lag_interval: Duration,
     /// Longest a reconcile may take before it fails and is retried.
     #[arg(long, env = "WEIR_RECONCILE_TIMEOUT", default_value = "2m", value_parser = humantime_duration)]
     reconcile_timeout: Duration,
@@ -110,6 +113,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_name: args.lease_name,
         lease_duration: args.lease_duration,
         resync: args.resync,
+        lag_interval: args.lag_interval,
         reconcile_timeout: args.reconcile_timeout,
         ..defaults
     };

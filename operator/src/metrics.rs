@@ -23,9 +23,23 @@ struct PerKind {
     seconds: f64,
 }
 
+/// A pipeline's figures, as its status has them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PipelineFigures {
+    pub lag: i64,
+    pub lag_seconds: Option<f64>,
+    pub arrival_rate: f64,
+    pub consumption_rate: f64,
+    pub desired_replicas: i32,
+    pub replicas: i32,
+    pub ready_replicas: i32,
+}
+
 /// Counters of the controllers.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Per pipeline (namespace, name): the autoscaler's figures.
+    pipelines: Mutex<BTreeMap<(String, String), PipelineFigures>>,
     kinds: Mutex<BTreeMap<&'static str, PerKind>>,
     /// Reconciles started and not finished: the work queue's depth as far as it runs.
     in_flight: AtomicI64,
@@ -57,6 +71,20 @@ impl Metrics {
                     *count += 1;
                 }
             }
+        }
+    }
+
+    /// The latest figures of the pipeline `namespace/name`.
+    pub fn pipeline(&self, namespace: &str, name: &str, figures: PipelineFigures) {
+        if let Ok(mut pipelines) = self.pipelines.lock() {
+            pipelines.insert((namespace.to_owned(), name.to_owned()), figures);
+        }
+    }
+
+    /// The pipeline `namespace/name` is gone (or not run): its figures go.
+    pub fn forget_pipeline(&self, namespace: &str, name: &str) {
+        if let Ok(mut pipelines) = self.pipelines.lock() {
+            pipelines.remove(&(namespace.to_owned(), name.to_owned()));
         }
     }
 
@@ -142,6 +170,55 @@ impl Metrics {
             "# HELP weir_operator_leader Whether this replica holds the leader Lease.\n# TYPE weir_operator_leader gauge\nweir_operator_leader {}",
             u8::from(self.leader.load(Ordering::Relaxed))
         );
+        let pipelines = self.pipelines.lock().map(|p| p.clone()).unwrap_or_default();
+        type Figure = fn(&PipelineFigures) -> Option<f64>;
+        let gauges: [(&str, &str, Figure); 7] = [
+            (
+                "lag",
+                "Records produced but not yet committed by the pipeline's consumer group.",
+                |f| Some(f.lag as f64),
+            ),
+            (
+                "lag_seconds",
+                "Seconds to drain the lag at the consumption rate.",
+                |f| f.lag_seconds,
+            ),
+            (
+                "arrival_rate",
+                "Records produced to the pipeline's topics per second.",
+                |f| Some(f.arrival_rate),
+            ),
+            (
+                "consumption_rate",
+                "Records the pipeline committed per second.",
+                |f| Some(f.consumption_rate),
+            ),
+            (
+                "desired_replicas",
+                "Workers the autoscaler would run.",
+                |f| Some(f64::from(f.desired_replicas)),
+            ),
+            ("replicas", "Workers the Deployment is asked to run.", |f| {
+                Some(f64::from(f.replicas))
+            }),
+            ("ready_replicas", "Workers ready.", |f| {
+                Some(f64::from(f.ready_replicas))
+            }),
+        ];
+        for (name, help, figure) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP weir_operator_pipeline_{name} {help}\n# TYPE weir_operator_pipeline_{name} gauge"
+            );
+            for ((namespace, pipeline), figures) in &pipelines {
+                if let Some(value) = figure(figures) {
+                    let _ = writeln!(
+                        out,
+                        "weir_operator_pipeline_{name}{{namespace=\"{namespace}\",pipeline=\"{pipeline}\"}} {value}"
+                    );
+                }
+            }
+        }
         out
     }
 }
@@ -203,5 +280,24 @@ mod tests {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         assert_eq!(m.reconciles("KafkaTopic"), 2);
+        m.pipeline(
+            "shop",
+            "orders",
+            PipelineFigures {
+                lag: 1200,
+                lag_seconds: Some(4.0),
+                consumption_rate: 300.0,
+                desired_replicas: 3,
+                ..PipelineFigures::default()
+            },
+        );
+        let text = m.render();
+        for line in [
+            "weir_operator_pipeline_lag{namespace=\"shop\",pipeline=\"orders\"} 1200",
+            "weir_operator_pipeline_lag_seconds{namespace=\"shop\",pipeline=\"orders\"} 4",
+            "weir_operator_pipeline_desired_replicas{namespace=\"shop\",pipeline=\"orders\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

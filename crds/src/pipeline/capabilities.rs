@@ -62,7 +62,6 @@ impl EventPipelineSpec {
                 "needs a postgres, mysql or sqlite sink, which records the applied keys in its own transaction, or an http sink, which sends them as Idempotency-Key headers; remove it (Redis SET, HSET and DEL give the same result when repeated)",
             );
         }
-        self.check_scaling(&mut spec.at("scaling"));
     }
 
     /// Exactly-once needs one sink that commits the consumed offsets in its own transaction
@@ -107,37 +106,6 @@ impl EventPipelineSpec {
             }
         }
     }
-
-    /// The operator runs `spec.replicas` workers, else `scaling.minReplicas`: the lag
-    /// autoscaler that would use the other fields is not built yet.
-    fn check_scaling(&self, at: &mut Collector<'_>) {
-        let scaling = &self.scaling;
-        let defaults = Scaling::default();
-        let autoscaler = "needs the lag autoscaler, which is not available in this version yet: remove it; the operator runs spec.replicas workers, else scaling.minReplicas";
-        if self.replicas.is_none() && scaling.min_replicas == 0 {
-            at.field_error(
-                "minReplicas",
-                "0 (scale to zero) needs the lag autoscaler, which is not available in this version yet: use 1 or more, or set spec.replicas: 0 to stop the pipeline",
-            );
-        }
-        for (field, custom) in [
-            ("maxReplicas", scaling.max_replicas != defaults.max_replicas),
-            (
-                "targetLagPerReplica",
-                scaling.target_lag_per_replica != defaults.target_lag_per_replica,
-            ),
-            ("targetCatchUpTime", scaling.target_catch_up_time.is_some()),
-            (
-                "activationLag",
-                scaling.activation_lag != defaults.activation_lag,
-            ),
-            ("cooldown", scaling.cooldown != defaults.cooldown),
-        ] {
-            if custom {
-                at.field_error(field, autoscaler);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -167,6 +135,12 @@ mod tests {
         assert_eq!(paths(&spec(serde_json::json!({}))), Vec::<String>::new());
         let pinned = spec(serde_json::json!({"replicas": 0, "scaling": {"minReplicas": 0}}));
         assert_eq!(paths(&pinned), Vec::<String>::new());
+        // The lag autoscaler runs: every scaling field is accepted.
+        let scaled = spec(serde_json::json!({"scaling": {
+            "minReplicas": 0, "maxReplicas": 12, "targetLagPerReplica": 500,
+            "targetCatchUpTime": "2m", "activationLag": 10, "cooldown": "1m"
+        }}));
+        assert_eq!(paths(&scaled), Vec::<String>::new());
     }
 
     #[test]
@@ -187,16 +161,9 @@ mod tests {
         let s = spec(serde_json::json!({
             "batch": {"compaction": "LastWriteWins"},
             "replay": {"token": "t1", "to": "Earliest"},
-            "scaling": {"minReplicas": 0, "maxReplicas": 12, "targetCatchUpTime": "2m"}
         }));
         let problems = s.validate().expect_err("refused");
-        for path in [
-            "spec.batch.compaction",
-            "spec.replay",
-            "spec.scaling.minReplicas",
-            "spec.scaling.maxReplicas",
-            "spec.scaling.targetCatchUpTime",
-        ] {
+        for path in ["spec.batch.compaction", "spec.replay"] {
             let problem = problems
                 .iter()
                 .find(|p| p.path == path)

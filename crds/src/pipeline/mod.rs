@@ -19,8 +19,8 @@ pub use worker::*;
 use crate::duration::DurationString;
 use crate::reference::ConnectionRef;
 
-/// A pipeline from Kafka topics to one or more sinks, run by a worker Deployment of
-/// `spec.replicas` (else `scaling.minReplicas`) workers.
+/// A pipeline from Kafka topics to one or more sinks, run by a worker Deployment whose
+/// replicas the lag autoscaler sets (or `spec.replicas` pins).
 // The kube derive repeats `type_ = ...` across printer columns, which clippy mistakes
 // for duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -103,12 +103,12 @@ pub struct EventPipelineSpec {
     /// (postgres, mysql, or kafka on the pipeline's own cluster).
     #[serde(default)]
     pub delivery: Delivery,
-    /// How many workers run. This version runs `scaling.minReplicas` workers (when
-    /// `replicas` is not set); the lag autoscaler's fields are refused until it is available.
+    /// How the lag autoscaler sizes the worker Deployment (when `replicas` is not set).
     #[serde(default)]
     pub scaling: Scaling,
-    /// Pins the number of workers. Set by `kubectl scale` and by a HorizontalPodAutoscaler
-    /// through the scale subresource; 0 stops the pipeline.
+    /// Pins the number of workers; the autoscaler then only reports what it would run
+    /// (`status.desiredReplicas`). Set by `kubectl scale eventpipeline` through the scale
+    /// subresource; 0 stops the pipeline. Remove it to hand the count back to the autoscaler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
@@ -337,9 +337,13 @@ pub enum Delivery {
     ExactlyOnce,
 }
 
-/// How many workers run. This version runs `minReplicas` of them; the lag autoscaler,
-/// which would use the other fields, is not available yet, so setting any of them (or
-/// `minReplicas: 0`) is refused.
+/// The lag autoscaler. Every lag interval (5 s by default) the operator reads the consumer
+/// group's committed offsets and the high watermarks, measures the arrival rate and the
+/// drain rate per worker, and runs enough workers to keep up with the arrivals and clear
+/// the backlog within `targetCatchUpTime`, between `minReplicas` and `maxReplicas` and
+/// never more than the topics' partitions. When more workers stop raising the drain rate
+/// (the sink is the bottleneck) or a partition does not move (a stuck record), it stops
+/// scaling up and says so in the `Scaling` and `Degraded` conditions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -347,26 +351,28 @@ pub enum Delivery {
     "message": "minReplicas must not exceed maxReplicas"
 }]))]
 pub struct Scaling {
-    /// Workers to run when `spec.replicas` is not set (at least 1 in this version).
+    /// Fewest workers; 0 lets an idle pipeline scale to zero (it starts again once the lag
+    /// exceeds `activationLag`).
     #[serde(default = "default_min_replicas")]
     #[schemars(range(min = 0))]
     pub min_replicas: i32,
-    /// For the lag autoscaler (not available in this version: refused unless 10).
+    /// Most workers (also capped at the partition count).
     #[serde(default = "default_max_replicas")]
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
-    /// For the lag autoscaler (not available in this version: refused unless 10000).
+    /// Lag per worker, KEDA's rule, used until a drain rate has been measured.
     #[serde(default = "default_target_lag")]
     #[schemars(range(min = 1))]
     pub target_lag_per_replica: i64,
-    /// For the lag autoscaler (not available in this version: refused when set).
+    /// How soon a backlog should be cleared (default 60s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_catch_up_time: Option<DurationString>,
-    /// For the lag autoscaler (not available in this version: refused unless 0).
+    /// Lag above which a pipeline at zero workers starts one.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub activation_lag: i64,
-    /// For the lag autoscaler (not available in this version: refused unless 5m).
+    /// How long fewer workers must have been enough before scaling down (by at most half
+    /// at a time).
     #[serde(default = "default_cooldown")]
     pub cooldown: DurationString,
 }

@@ -15,18 +15,29 @@ pub struct EventPipelineStatus {
     /// Workers the Deployment is asked to run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
+    /// Workers the autoscaler would run (equal to `replicas` unless `spec.replicas` pins
+    /// them, and the autoscaler then only reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
     /// Workers ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
     /// Label selector of the worker pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// The consumer group's lag.
+    /// The consumer group's lag, read every lag interval (5 s by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<Lag>,
-    /// Records consumed per second, measured over the last interval.
+    /// Seconds to drain the lag at the current consumption rate (absent while nothing is
+    /// consumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// Records committed per second over the last interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumption_rate: Option<f64>,
+    /// Records produced to the source topics per second over the last interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_rate: Option<f64>,
     /// When the autoscaler last changed the replicas (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<String>,
@@ -42,7 +53,8 @@ pub struct EventPipelineStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// Lag of a consumer group: records produced but not yet committed.
+/// Lag of a consumer group: records produced but not yet committed (a partition without
+/// a commit counts from the start position).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Lag {

@@ -1,6 +1,7 @@
-//! The objects a pipeline's reconcile reads before it writes anything: its KafkaConnection
-//! (from the cache) and its worker Deployment as it is now (for the Created and Rolled
-//! Events and the ready count). The only IO before apply.
+//! What a pipeline's reconcile reads before it writes anything: its KafkaConnection (from
+//! the cache), its worker Deployment as it is now (for the Created and Rolled Events, the
+//! replica count and the ready count), and its consumer group's lag from the broker. The
+//! only IO before apply.
 
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use kube::api::Api;
 use weir_crds::{EventPipeline, KafkaConnection};
 
 use super::build::{Names, connection_name};
+use crate::autoscale::lag::{self, Reading};
+use crate::connection;
 use crate::context::{Context, Error};
 
 /// What a pipeline refers to.
@@ -20,6 +23,9 @@ pub struct Dereferenced {
     pub connection: Option<Arc<KafkaConnection>>,
     /// The worker Deployment, when it exists.
     pub deployment: Option<Deployment>,
+    /// The consumer group's offsets, or why they could not be read (not read without a
+    /// connection).
+    pub lag: Option<Result<Reading, String>>,
 }
 
 pub async fn dereference(ctx: &Context, pipeline: &EventPipeline) -> Result<Dereferenced, Error> {
@@ -30,9 +36,39 @@ pub async fn dereference(ctx: &Context, pipeline: &EventPipeline) -> Result<Dere
     let deployment = deployments
         .get_opt(&Names::of(&pipeline.name_any()).worker)
         .await?;
+    let lag = match &connection {
+        Some(connection) => Some(read_lag(ctx, pipeline, &namespace, connection).await),
+        None => None,
+    };
     Ok(Dereferenced {
         connection_name: name,
         connection,
         deployment,
+        lag,
     })
+}
+
+/// A failure to read the lag does not fail the reconcile: the replicas stay as they are
+/// and the status says why.
+async fn read_lag(
+    ctx: &Context,
+    pipeline: &EventPipeline,
+    namespace: &str,
+    connection: &KafkaConnection,
+) -> Result<Reading, String> {
+    let config = connection::client_config(&ctx.client, namespace, &connection.spec)
+        .await
+        .map_err(|e| e.to_string())?;
+    let admin = ctx.admin(&config).map_err(|e| e.to_string())?;
+    let group = pipeline
+        .spec
+        .consumer_group(namespace, &pipeline.name_any());
+    lag::read(
+        &admin,
+        &group,
+        &pipeline.spec.source.topics,
+        pipeline.spec.source.start_position,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }

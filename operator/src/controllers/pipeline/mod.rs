@@ -106,26 +106,105 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
             return refuse(ctx, pipeline, refusal).await;
         }
     };
-    let desired = pipeline
-        .spec
-        .replicas
-        .unwrap_or(pipeline.spec.scaling.min_replicas);
-    let deployment = apply_all(ctx, pipeline, &rendered, desired).await?;
-    announce(ctx, pipeline, refs.deployment.as_ref(), &rendered).await;
-    let status = status::running(pipeline, &deployment, desired);
+    let uid = pipeline.uid().unwrap_or_default();
+    let before = refs
+        .deployment
+        .as_ref()
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas);
+    let (step, unread) = match refs.lag {
+        Some(Ok(reading)) if !reading.offsets.is_empty() => {
+            let step = ctx.autoscaler(&uid, |state| {
+                state.step(&pipeline.spec, reading, before.unwrap_or(0))
+            })?;
+            (Some(step), None)
+        }
+        Some(Ok(_)) => (None, None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    let desired = status::replicas(pipeline, before, step.as_ref());
+    let deployment = match refs.deployment.clone() {
+        Some(d)
+            if ctx.applied_recently(&uid, pipeline.metadata.generation, &rendered.config_hash) =>
+        {
+            d
+        }
+        _ => {
+            let d = apply_all(ctx, pipeline, &rendered).await?;
+            ctx.mark_applied(&uid, pipeline.metadata.generation, &rendered.config_hash);
+            announce(ctx, pipeline, refs.deployment.as_ref(), &rendered).await;
+            d
+        }
+    };
+    let current = deployment.spec.as_ref().and_then(|s| s.replicas);
+    if current != Some(desired) {
+        scale(
+            ctx,
+            &pipeline.namespace().unwrap_or_default(),
+            &rendered.deployment.name_any(),
+            desired,
+        )
+        .await?;
+    }
+    let scaling = status::Scaling {
+        replicas: desired,
+        before,
+        pinned: pipeline.spec.replicas,
+        step: step.as_ref(),
+        unread,
+    };
+    if before.is_some_and(|b| b != desired)
+        && scaling.pinned.is_none()
+        && let Some(step) = &step
+    {
+        ctx.event(
+            pipeline,
+            false,
+            "Scaled",
+            format!(
+                "{} → {} worker(s): {}",
+                before.unwrap_or_default(),
+                desired,
+                step.decision.message
+            ),
+        )
+        .await;
+    }
+    let status = status::scaled(
+        status::running(pipeline, &deployment, desired),
+        pipeline,
+        &scaling,
+    );
+    record(ctx, pipeline, &status);
     ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
         .await?;
-    Ok(Action::requeue(ctx.config.resync))
+    Ok(Action::requeue(ctx.config.lag_interval))
+}
+
+/// The status's figures as metrics.
+fn record(ctx: &Context, pipeline: &EventPipeline, status: &weir_crds::EventPipelineStatus) {
+    ctx.metrics.pipeline(
+        &pipeline.namespace().unwrap_or_default(),
+        &pipeline.name_any(),
+        crate::metrics::PipelineFigures {
+            lag: status.lag.as_ref().map_or(0, |l| l.total),
+            lag_seconds: status.lag_seconds,
+            arrival_rate: status.arrival_rate.unwrap_or(0.0),
+            consumption_rate: status.consumption_rate.unwrap_or(0.0),
+            desired_replicas: status.desired_replicas.or(status.replicas).unwrap_or(0),
+            replicas: status.replicas.unwrap_or(0),
+            ready_replicas: status.ready_replicas.unwrap_or(0),
+        },
+    );
 }
 
 /// Applies every child (the Deployment last, so it never starts on a half-written
-/// configuration), deletes the children an earlier spec made that this one has not, and
-/// sets the replicas through the scale subresource when they differ.
+/// configuration) and deletes the children an earlier spec made that this one has not.
 async fn apply_all(
     ctx: &Context,
     pipeline: &EventPipeline,
     rendered: &Rendered,
-    desired: i32,
 ) -> Result<Deployment, Error> {
     let namespace = pipeline.namespace().unwrap_or_default();
     let name = pipeline.name_any();
@@ -147,9 +226,6 @@ async fn apply_all(
             format!("deleted KafkaTopic {orphan}, which the spec no longer has (its Kafka topic is retained)"),
         )
         .await;
-    }
-    if deployment.spec.as_ref().and_then(|s| s.replicas) != Some(desired) {
-        scale(ctx, &namespace, &rendered.deployment.name_any(), desired).await?;
     }
     Ok(deployment)
 }
