@@ -1,10 +1,92 @@
 //! What the benchmarks share: reading a worker process's figures and waiting for it.
+// Each bench includes this module and uses a part of it.
+#![allow(dead_code)]
 
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weir_testkit::TestKafka;
+use futures::StreamExt as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use weir_testkit::{TestKafka, free_port};
+
+/// The event stream: pass v over all keys (in a shuffled order), ten passes.
+pub fn event(key: usize, version: usize) -> Vec<u8> {
+    format!(
+        "{{\"id\":{key},\"version\":{version},\"name\":\"customer-{key:08}\",\"email\":\"customer{key}@example.com\",\"amount\":{}.{:02},\"status\":\"active\",\"updatedAt\":\"2026-11-23T10:{:02}:{:02}Z\",\"note\":\"xxxxxxxxxxxxxxxxxxxx\"}}",
+        key % 1000,
+        version * 7 % 100,
+        version % 60,
+        key % 60
+    )
+    .into_bytes()
+}
+
+pub fn order(keys: usize, seed: u64) -> Vec<usize> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut keys: Vec<usize> = (0..keys).collect();
+    rng.shuffle(&mut keys);
+    keys
+}
+
+pub async fn produce_all(
+    kafka: &TestKafka,
+    topic: &str,
+    events: usize,
+    keys: usize,
+) -> anyhow::Result<Duration> {
+    let producer: FutureProducer = kafka
+        .config()
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let started = Instant::now();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let passes = events.div_ceil(keys);
+    let mut sent = 0;
+    'outer: for version in 0..passes {
+        for key in order(keys, version as u64) {
+            if sent == events {
+                break 'outer;
+            }
+            let k = key.to_string();
+            let v = event(key, version);
+            let delivery = producer
+                .send_result(FutureRecord::to(topic).key(&k).payload(&v))
+                .map_err(|(e, _)| e)?;
+            pending.push(delivery);
+            sent += 1;
+            if pending.len() >= 50_000 {
+                while pending.len() > 10_000 {
+                    if let Some(d) = pending.next().await {
+                        d?.map_err(|(e, _)| e)?;
+                    }
+                }
+            }
+        }
+    }
+    while let Some(d) = pending.next().await {
+        d?.map_err(|(e, _)| e)?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The stream produce_all sends, in its order, decoded: what a ceiling writes from memory.
+pub fn stream_values(events: usize, keys: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let passes = events.div_ceil(keys);
+    let mut rows = Vec::with_capacity(events);
+    'outer: for version in 0..passes {
+        for key in order(keys, version as u64) {
+            if rows.len() == events {
+                break 'outer;
+            }
+            rows.push(serde_json::from_slice(&event(key, version))?);
+        }
+    }
+    Ok(rows)
+}
 
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -52,4 +134,135 @@ pub async fn wait_committed(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// What one run of the worker binary over a backlog measured.
+#[derive(Debug)]
+pub struct WorkerRun {
+    /// Events per second between the first and the last written batch.
+    pub steady: f64,
+    /// Events per second from the worker's start (process start and group join included).
+    pub rate: f64,
+    pub seconds: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub batches: usize,
+    pub peak_rss_mib: f64,
+    /// CPU seconds the worker used, start to finish.
+    pub cpu_seconds: f64,
+}
+
+/// Runs the real `weir-worker` on `pipeline` (one EventPipeline named `bench` in namespace
+/// `bench`, reading `topic`) with `env` set, until its group has committed `events`
+/// offsets; then stops it and reads its figures from /proc and its debug log.
+pub async fn run_worker(
+    kafka: &TestKafka,
+    topic: &str,
+    pipeline: &str,
+    env: &[(&str, &str)],
+    events: usize,
+) -> anyhow::Result<WorkerRun> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, pipeline)?;
+    let log_path = dir.path().join("worker.log");
+    let log = std::fs::File::create(&log_path)?;
+    let port = free_port("worker")?;
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir-worker"))
+        .args(["run", "-f"])
+        .arg(&file)
+        .args(["--bootstrap-servers", kafka.bootstrap()])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["--log-format", "text"])
+        .env("RUST_LOG", "warn,weir_worker::engine=debug")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    wait_committed(
+        kafka,
+        "bench.bench",
+        topic,
+        events,
+        &mut child,
+        &log_path,
+        Duration::from_secs(1800),
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = peak_rss_mib(child.id()).unwrap_or(f64::NAN);
+    let cpu = cpu_seconds(child.id()).unwrap_or(f64::NAN);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait()?;
+    let text = std::fs::read_to_string(&log_path)?;
+    // Steady state: from the first written batch to the last, by the log's timestamps.
+    let stamps: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("batch written"))
+        .filter_map(|l| {
+            let t = l.split_whitespace().next()?;
+            humantime::parse_rfc3339(t)
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs_f64())
+        })
+        .collect();
+    let steady = match (stamps.first(), stamps.last()) {
+        (Some(a), Some(b)) if b > a => events as f64 / (b - a),
+        _ => f64::NAN,
+    };
+    let mut latencies: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("batch written"))
+        .filter_map(|l| {
+            l.split("millis=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    if latencies.is_empty() {
+        eprintln!(
+            "no batch timings in the worker log; it begins:\n{}",
+            text.lines().take(10).collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(WorkerRun {
+        steady,
+        rate: events as f64 / seconds,
+        seconds,
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        batches: latencies.len(),
+        peak_rss_mib: peak,
+        cpu_seconds: cpu,
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks: 100 per second on Linux.
+    Some((utime + stime) / 100.0)
 }
