@@ -190,15 +190,9 @@ impl KafkaSink {
         })
     }
 
-    /// Sends every record and, with `acknowledged`, waits for every acknowledgement.
-    /// Records refused for themselves (too large) are returned; any other failure fails the
-    /// whole write. Inside a transaction the acknowledgements need no waiting: committing
-    /// it waits for them, and fails when one failed.
-    async fn send_all(
-        &self,
-        records: Vec<Outgoing>,
-        acknowledged: bool,
-    ) -> Result<Vec<Rejected>, SinkError> {
+    /// Sends every record and waits for every acknowledgement. Records the broker refuses
+    /// for themselves (too large) are returned; any other failure fails the whole write.
+    async fn send_all(&self, records: Vec<Outgoing>) -> Result<Vec<Rejected>, SinkError> {
         let producer = self.producer()?;
         let mut pending: std::collections::VecDeque<(usize, DeliveryFuture)> =
             std::collections::VecDeque::with_capacity(records.len());
@@ -243,10 +237,8 @@ impl KafkaSink {
                 }
             }
         }
-        if acknowledged {
-            for (index, delivery) in pending {
-                settle(index, delivery.await, &mut rejected, &mut failure);
-            }
+        for (index, delivery) in pending {
+            settle(index, delivery.await, &mut rejected, &mut failure);
         }
         match failure {
             Some(e) => Err(e),
@@ -293,7 +285,7 @@ impl KafkaSink {
         metadata: &ConsumerGroupMetadata,
     ) -> Result<Written, CommitError> {
         let (records, mut rejected) = self.outgoing(input);
-        match self.send_all(records, false).await {
+        match self.send_all(records).await {
             Ok(refused) => rejected.extend(refused),
             // A record that failed in a transaction makes it abortable: the batch is tried
             // again in a new one.
@@ -372,7 +364,7 @@ impl Sink for KafkaSink {
                 ));
             }
             let (records, mut rejected) = self.outgoing(input);
-            rejected.extend(self.send_all(records, true).await?);
+            rejected.extend(self.send_all(records).await?);
             rejected.sort_by_key(|r| r.index);
             Ok(Written {
                 rejected,
