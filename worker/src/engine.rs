@@ -19,6 +19,7 @@ use rdkafka::consumer::{CommitMode, Consumer as _};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
+use weir_crds::Compaction;
 
 use crate::batch::{Batch, Limits};
 use crate::commit::{self, BeforeCommit, Commit, CommitError, Offsets, Positions, Transaction};
@@ -461,6 +462,7 @@ impl Engine {
             return Err(EngineError::Setup("the batch writer is missing".into()));
         };
         let span = tracing::info_span!("batch", pipeline = %self.config.name);
+        let compaction = self.config.spec.batch.compaction == Compaction::LastWriteWins;
         self.in_flight = Some(tokio::spawn(
             async move {
                 let result = match prepared.await {
@@ -477,7 +479,12 @@ impl Engine {
                                 "unwritten records of revoked partitions left to their new owner"
                             );
                         }
-                        writer.write_batch(prepared).await
+                        let compacted = if compaction {
+                            crate::batch::last_write_wins(&mut prepared)
+                        } else {
+                            0
+                        };
+                        writer.write_batch(prepared, compacted).await
                     }
                     Ok(Err(e)) => Err(EngineError::Setup(format!(
                         "preparing the batch failed: {e}"
@@ -534,17 +541,24 @@ impl Writer {
         Ok(())
     }
 
-    async fn write_batch(&mut self, prepared: Vec<Prepared>) -> Result<(), EngineError> {
+    /// Writes a prepared batch; `compacted` of its events were superseded by a later
+    /// event of their key (`batch.compaction`) and are not written.
+    async fn write_batch(
+        &mut self,
+        prepared: Vec<Prepared>,
+        compacted: usize,
+    ) -> Result<(), EngineError> {
         let started = Instant::now();
         let now = SystemTime::now();
         let mut failures: Vec<(usize, Failure)> = Vec::new();
         let mut events = Vec::with_capacity(prepared.len());
         let mut records: Vec<Record> = Vec::with_capacity(prepared.len());
+        let mut nothing: usize = 0;
         for (index, Prepared { record, event }) in prepared.into_iter().enumerate() {
             records.push(record);
             match event {
                 Ok(Some(event)) => events.push((index, event)),
-                Ok(None) => Metrics::add(&self.metrics.filtered, 1),
+                Ok(None) => nothing += 1,
                 Err(reason) => failures.push((
                     index,
                     Failure {
@@ -557,6 +571,9 @@ impl Writer {
                 )),
             }
         }
+        // Events with nothing to write: the filter's, and the ones compaction superseded.
+        Metrics::add(&self.metrics.filtered, nothing.saturating_sub(compacted));
+        Metrics::add(&self.metrics.compacted, compacted);
         let input: Vec<WriteInput<'_>> = events
             .iter()
             .map(|(index, event)| WriteInput {

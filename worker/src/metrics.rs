@@ -83,6 +83,8 @@ pub struct Metrics {
     pub consumed: AtomicU64,
     pub written: AtomicU64,
     pub filtered: AtomicU64,
+    /// Superseded by a later event of their key in the batch (`batch.compaction`).
+    pub compacted: AtomicU64,
     pub skipped: AtomicU64,
     pub failed: AtomicU64,
     pub dead_lettered: AtomicU64,
@@ -106,6 +108,7 @@ impl Metrics {
             consumed: AtomicU64::new(0),
             written: AtomicU64::new(0),
             filtered: AtomicU64::new(0),
+            compacted: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
@@ -207,6 +210,11 @@ impl Metrics {
                 "weir_records_filtered_total",
                 "Records dropped by the filter.",
                 &self.filtered,
+            ),
+            (
+                "weir_records_compacted_total",
+                "Records not written because a later record of their key in the batch superseded them (batch.compaction: LastWriteWins).",
+                &self.compacted,
             ),
             (
                 "weir_records_skipped_total",

@@ -190,8 +190,13 @@ pub struct Batch {
     /// Longest time a record waits for its batch to fill.
     #[serde(default = "default_max_wait")]
     pub max_wait: DurationString,
-    /// None (the default) writes every record in order. LastWriteWins is not available in
-    /// this version and is refused.
+    /// None (the default) writes every record in order. LastWriteWins writes only the last
+    /// event of each record key in a batch (the earlier ones are acknowledged, counted in
+    /// `weir_records_compacted_total`): with an upsert sink the table ends as it would
+    /// without compaction, with fewer writes. A later event the filter drops or that is
+    /// dead-lettered does not supersede an earlier one. "Last" is arrival order: with keys
+    /// spread over several topics, prefer the stale-write guard. For a time window, raise
+    /// maxRecords and maxBytes and set maxWait to the window.
     #[serde(default)]
     pub compaction: Compaction,
 }
@@ -217,7 +222,7 @@ fn default_max_wait() -> DurationString {
     DurationString::new("100ms")
 }
 
-/// Per-key compaction within a batch (only None runs in this version).
+/// Per-key compaction within a batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Compaction {
     /// Every record is written, in order.
