@@ -158,7 +158,7 @@ spec:
           - {{name: status, type: text}}
 "
         );
-        let run = support::run_worker(&kafka, &topic, &pipeline, &[("BENCH_DB_URL", &db.url)], mysql_events).await?;
+        let run = support::run_worker(&kafka, &topic, "bench.bench", &pipeline, &[("BENCH_DB_URL", &db.url)], mysql_events).await?;
         let after = mysql_ceiling(&db.pool, &rows).await?;
         let last = (mysql_events.div_ceil(mysql_keys) - 1) as i64;
         let (count, latest): (i64, i64) = sqlx::query_as("SELECT COUNT(*), CAST(COALESCE(SUM(version = ?), 0) AS SIGNED) FROM items")
@@ -203,7 +203,7 @@ spec:
           status: event.status
 "
         );
-        let run = support::run_worker(&kafka, &topic, &pipeline, &[("BENCH_MONGODB_URL", &url)], mongo_events).await?;
+        let run = support::run_worker(&kafka, &topic, "bench.bench", &pipeline, &[("BENCH_MONGODB_URL", &url)], mongo_events).await?;
         let after = mongodb_ceiling(&database, &rows).await?;
         let items = database.collection::<Document>("items");
         let count = items.count_documents(doc! {}).await?;

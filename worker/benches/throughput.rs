@@ -31,22 +31,26 @@ async fn create_table(pool: &PgPool, table: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The worker as pipeline `name` upserting `topic` into `table`, with `batch` as its
+/// `spec.batch` (YAML flow mapping).
 async fn run_worker(
     kafka: &TestKafka,
     topic: &str,
     db_url: &str,
     events: usize,
+    (name, table, batch): (&str, &str, &str),
 ) -> anyhow::Result<WorkerRun> {
     let pipeline = format!(
         "apiVersion: weir.dev/v1alpha1
 kind: EventPipeline
-metadata: {{name: bench, namespace: bench}}
+metadata: {{name: {name}, namespace: bench}}
 spec:
   source: {{topics: [{topic}]}}
+  batch: {batch}
   sinks:
     - postgres:
         urlFrom: {{env: BENCH_DB_URL}}
-        table: items
+        table: {table}
         mode: Upsert
         keyColumns: [id]
         columns:
@@ -59,7 +63,16 @@ spec:
           - {{name: updated_at, from: event.updatedAt, type: timestamptz}}
 "
     );
-    support::run_worker(kafka, topic, &pipeline, &[("BENCH_DB_URL", db_url)], events).await
+    let group = format!("bench.{name}");
+    support::run_worker(
+        kafka,
+        topic,
+        &group,
+        &pipeline,
+        &[("BENCH_DB_URL", db_url)],
+        events,
+    )
+    .await
 }
 
 /// (a) One INSERT … ON CONFLICT per event in autocommit, offset committed per event.
@@ -167,7 +180,7 @@ fn main() -> anyhow::Result<()> {
         };
         let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
         let db = pg.create_database().await?;
-        for table in ["items", "baseline", "ceiling"] {
+        for table in ["items", "compacted", "baseline", "ceiling"] {
             create_table(&db.pool, table).await?;
         }
         let topic = kafka.create_topic("bench", 6, &[]).await?;
@@ -180,7 +193,7 @@ fn main() -> anyhow::Result<()> {
         // right after the worker, and the worker is compared with their mean.
         let ceiling_before = postgres_ceiling(&db.pool, events, keys).await?;
         sqlx::query("TRUNCATE ceiling").execute(&db.pool).await?;
-        let run = run_worker(&kafka, &topic, &db.url, events).await?;
+        let run = run_worker(&kafka, &topic, &db.url, events, ("bench", "items", "{}")).await?;
         let ceiling_after = postgres_ceiling(&db.pool, events, keys).await?;
         let (rows, latest): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE version = $1) FROM items")
             .bind((events.div_ceil(keys) - 1) as i32)
@@ -200,7 +213,36 @@ fn main() -> anyhow::Result<()> {
         writeln!(out, "  weir / ceiling = {:.0} %   (steady state; target >= 80 %)", 100.0 * run.steady / ceiling)?;
         writeln!(out, "  weir / per-record = {:.0}x  (steady state; target >= 50x)", run.steady / baseline)?;
         writeln!(out, "  peak RSS {:.1} MiB  (target < 64 MiB)", run.peak_rss_mib)?;
+
+        // The same backlog again with batch.compaction: LastWriteWins over 1 s windows.
+        let window = env_usize("WEIR_BENCH_WINDOW_RECORDS", 100_000);
+        let compacted = run_worker(
+            &kafka,
+            &topic,
+            &db.url,
+            events,
+            ("compacted", "compacted", &format!("{{maxRecords: {window}, maxBytes: 33554432, maxWait: 1s, compaction: LastWriteWins}}")),
+        )
+        .await?;
+        let (differing,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM items a FULL JOIN compacted b USING (id)
+             WHERE (a.version, a.name, a.email, a.amount, a.status, a.updated_at)
+                   IS DISTINCT FROM (b.version, b.name, b.email, b.amount, b.status, b.updated_at)",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        writeln!(out, "  compaction LastWriteWins, 1 s windows of up to {window} records:")?;
+        writeln!(out, "                        {:>9.0} events consumed/s steady state ({:.0} from process start); {} batches, p50 {:.0} ms; peak RSS {:.1} MiB; CPU {:.1} s ({:.1} µs per event)", compacted.steady, compacted.rate, compacted.batches, compacted.p50_ms, compacted.peak_rss_mib, compacted.cpu_seconds, 1e6 * compacted.cpu_seconds / events as f64)?;
+        writeln!(out, "  compacted / ceiling = {:.2}x  (target >= 1.0x); table {}", compacted.steady / ceiling, if differing == 0 { "identical to the uncompacted run's".to_owned() } else { format!("DIFFERS in {differing} rows") })?;
+        for table in ["items", "compacted"] {
+            let (inserted, updated): (i64, i64) = sqlx::query_as("SELECT n_tup_ins, n_tup_upd FROM pg_stat_user_tables WHERE relname = $1")
+                .bind(table)
+                .fetch_one(&db.pool)
+                .await?;
+            writeln!(out, "  pg_stat_user_tables {table}: {inserted} rows inserted, {updated} updated")?;
+        }
         anyhow::ensure!(correct, "the table does not hold every key's latest version");
+        anyhow::ensure!(differing == 0, "the compacted table differs from the uncompacted one");
         anyhow::Ok(())
     })
 }

@@ -152,12 +152,14 @@ pub struct WorkerRun {
     pub cpu_seconds: f64,
 }
 
-/// Runs the real `weir-worker` on `pipeline` (one EventPipeline named `bench` in namespace
-/// `bench`, reading `topic`) with `env` set, until its group has committed `events`
-/// offsets; then stops it and reads its figures from /proc and its debug log.
+/// Runs the real `weir-worker` on `pipeline` (one EventPipeline reading `topic`, whose
+/// consumer group is `group`: `<namespace>.<name>`) with `env` set, until the group has
+/// committed `events` offsets; then stops it and reads its figures from /proc and its
+/// debug log.
 pub async fn run_worker(
     kafka: &TestKafka,
     topic: &str,
+    group: &str,
     pipeline: &str,
     env: &[(&str, &str)],
     events: usize,
@@ -183,7 +185,7 @@ pub async fn run_worker(
         .spawn()?;
     wait_committed(
         kafka,
-        "bench.bench",
+        group,
         topic,
         events,
         &mut child,
