@@ -3,8 +3,11 @@
 //! `kubectl weir redrive PIPELINE [--since …]` sends each of them back to its source
 //! topic once. Redrive remembers how far it got as the committed offsets of its own
 //! consumer group on the dead-letter topic (`kubectl-weir.redrive.<namespace>.<name>`),
-//! committed after the broker acknowledged the re-sent records: a second run sends only
-//! what was dead-lettered since.
+//! committed in the same Kafka transaction as the re-sent records: a second run sends
+//! only what was dead-lettered since, and the records of a run interrupted mid-chunk are
+//! aborted: the workers, which read with `isolation.level=read_committed` (librdkafka's
+//! default), never see them. A second redrive started meanwhile fences the first (same
+//! transactional id).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -352,7 +355,8 @@ pub fn progress_group(namespace: &str, name: &str) -> String {
 
 /// Sends each dead letter not re-sent before (and at or after `since`) back to its source
 /// topic, with its key, value and own headers (the error headers removed, and
-/// `weir.redriven.from` added), then commits the progress.
+/// `weir.redriven.from` added), in transactions of 500 records that also commit the
+/// progress.
 pub async fn redrive(
     target: &Target,
     name: &str,
@@ -360,13 +364,16 @@ pub async fn redrive(
 ) -> Result<RedriveReport, PluginError> {
     let (pipeline, kafka, topic) = dead_letter_topic(target, name).await?;
     let group = progress_group(&target.namespace, &pipeline.name_any());
+    // One transaction per chunk: the re-sent records and the progress commit together.
+    // Initialising the transactional id fences an earlier redrive of the same pipeline
+    // still running, so the progress read after it is final.
+    let producer = kafka.transactional_producer(&group).await?;
     let done = kafka
         .committed(&group, std::slice::from_ref(&topic))
         .await?;
     let (start, end) = span(&kafka, &topic, &done, since).await?;
     let (records, _) = read_span(&kafka, &topic, &start, &end, target.kafka_timeout).await?;
     let sources = &pipeline.spec.source.topics;
-    let producer = kafka.producer()?;
     let mut report = RedriveReport {
         pipeline: name.to_owned(),
         dead_letter_topic: topic.clone(),
@@ -374,8 +381,8 @@ pub async fn redrive(
         sent: BTreeMap::new(),
         skipped: Vec::new(),
     };
-    // In chunks: sent (all acknowledged), then the progress committed.
     for chunk in records.chunks(500) {
+        Kafka::begin(&producer)?;
         let mut sends = Vec::new();
         for record in chunk {
             let header_topic = record
@@ -412,7 +419,7 @@ pub async fn redrive(
                 value: Some(&from),
             });
             *report.sent.entry(destination.clone()).or_default() += 1;
-            let producer = &producer;
+            let producer = &*producer;
             sends.push(async move {
                 Kafka::send(
                     producer,
@@ -432,7 +439,9 @@ pub async fn redrive(
             let entry = progress.entry(key).or_insert(next);
             *entry = (*entry).max(next);
         }
-        kafka.commit(&group, &progress).await?;
+        kafka
+            .commit_transaction(&producer, &group, &progress)
+            .await?;
     }
     Ok(report)
 }

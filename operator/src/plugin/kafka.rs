@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers as _, Message as _, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 use weir_worker::kafka::Admin;
@@ -289,6 +289,77 @@ impl Kafka {
             .set("acks", "all")
             .create()
             .map_err(PluginError::kafka("creating a producer"))
+    }
+
+    /// A transactional producer with the id `transactional_id`, its transactions
+    /// initialised (which fences an earlier producer with the same id).
+    pub async fn transactional_producer(
+        &self,
+        transactional_id: &str,
+    ) -> Result<Arc<FutureProducer>, PluginError> {
+        let producer: FutureProducer = self
+            .config
+            .clone()
+            .set("transactional.id", transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(PluginError::kafka("creating a transactional producer"))?;
+        let producer = Arc::new(producer);
+        let timeout = self.timeout;
+        let init = producer.clone();
+        self.blocking("initialising transactions", move || {
+            init.init_transactions(timeout)
+                .map_err(PluginError::kafka("initialising transactions"))
+        })
+        .await?;
+        Ok(producer)
+    }
+
+    /// Begins a transaction on `producer`.
+    pub fn begin(producer: &FutureProducer) -> Result<(), PluginError> {
+        producer
+            .begin_transaction()
+            .map_err(PluginError::kafka("beginning a transaction"))
+    }
+
+    /// Adds `offsets` of `group` to the open transaction and commits it: the records sent
+    /// in it and the group's progress become visible together, or neither.
+    pub async fn commit_transaction(
+        &self,
+        producer: &Arc<FutureProducer>,
+        group: &str,
+        offsets: &BTreeMap<Partition, i64>,
+    ) -> Result<(), PluginError> {
+        let consumer = self.consumer(Some(group))?;
+        let producer = producer.clone();
+        let offsets = offsets.clone();
+        let timeout = self.timeout;
+        self.blocking("committing the transaction", move || {
+            let metadata = consumer
+                .group_metadata()
+                .ok_or_else(|| PluginError::Kafka {
+                    operation: "reading the group's metadata",
+                    source: KafkaError::Canceled,
+                })?;
+            let mut list = TopicPartitionList::new();
+            for ((topic, partition), offset) in &offsets {
+                list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                    .map_err(PluginError::kafka("committing the transaction"))?;
+            }
+            let done = producer
+                .send_offsets_to_transaction(&list, &metadata, timeout)
+                .and_then(|()| producer.commit_transaction(timeout));
+            if let Err(source) = done {
+                let _ = producer.abort_transaction(timeout);
+                return Err(PluginError::Kafka {
+                    operation: "committing the transaction",
+                    source,
+                });
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Sends one record and waits for the broker's acknowledgement.
