@@ -64,6 +64,8 @@ pub enum PluginError {
         name: String,
         detail: String,
     },
+    #[error("cannot read the kubeconfig ({0}): set KUBECONFIG, or pick a context with --context")]
+    Kubeconfig(String),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("Kafka: {0}")]
@@ -122,17 +124,16 @@ impl Target {
         context: Option<String>,
         namespace: Option<String>,
         kafka_timeout: Duration,
-    ) -> Result<Target, kube::Error> {
+    ) -> Result<Target, PluginError> {
+        let unreadable = |e: &dyn std::fmt::Display| PluginError::Kubeconfig(e.to_string());
         let config = match context {
             Some(context) => kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions {
                 context: Some(context),
                 ..Default::default()
             })
             .await
-            .map_err(kube::Error::InferKubeconfig)?,
-            None => kube::Config::infer()
-                .await
-                .map_err(kube::Error::InferConfig)?,
+            .map_err(|e| unreadable(&e))?,
+            None => kube::Config::infer().await.map_err(|e| unreadable(&e))?,
         };
         let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
         Ok(Target {
