@@ -296,22 +296,28 @@ async fn a_pipeline_the_worker_cannot_run_gets_a_reason_and_no_deployment() -> a
             .as_ref()
             .and_then(|s| s.template.spec.as_ref())
             .map(|p| {
-                p.containers.iter().flat_map(|c| c.env.iter().flatten()).any(|e| {
-                    e.name == "WEIR_SECRET_KAFKA_CA_CA_CRT"
-                        && e.value_from
-                            .as_ref()
-                            .and_then(|v| v.secret_key_ref.as_ref())
-                            .is_some_and(|r| r.name == "kafka-ca" && r.key == "ca.crt")
-                })
+                p.containers
+                    .iter()
+                    .flat_map(|c| c.env.iter().flatten())
+                    .any(|e| {
+                        e.name == "WEIR_SECRET_KAFKA_CA_CA_CRT"
+                            && e.value_from
+                                .as_ref()
+                                .and_then(|v| v.secret_key_ref.as_ref())
+                                .is_some_and(|r| r.name == "kafka-ca" && r.key == "ca.crt")
+                    })
             })
             .unwrap_or(false)
     };
-    eventually("the worker Deployment with the CA from its Secret", || async {
-        Ok(deployments
-            .get_opt("orders-worker")
-            .await?
-            .filter(|d| ca_variable(d)))
-    })
+    eventually(
+        "the worker Deployment with the CA from its Secret",
+        || async {
+            Ok(deployments
+                .get_opt("orders-worker")
+                .await?
+                .filter(|d| ca_variable(d)))
+        },
+    )
     .await?;
 
     // The connection becomes plaintext: the pipeline is reconsidered without a change of
@@ -331,13 +337,13 @@ async fn a_pipeline_the_worker_cannot_run_gets_a_reason_and_no_deployment() -> a
             &ns,
             &pipeline_yaml(500, "event.total > 0").replace(
                 "  batch: {maxRecords: 500}\n",
-                "  batch: {maxRecords: 500, compaction: LastWriteWins}\n",
+                "  batch: {maxRecords: 500}\n  replay: {token: t1, to: Earliest, truncateSinks: true}\n",
             ),
         )
         .await?;
     let (_, _, message) = eventually("InvalidSpec", reason_of("InvalidSpec")).await?;
     assert!(
-        message.contains("spec.batch.compaction")
+        message.contains("spec.replay.truncateSinks")
             && message.contains("not available in this version"),
         "{message}"
     );

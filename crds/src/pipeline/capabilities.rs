@@ -40,16 +40,10 @@ impl EventPipelineSpec {
         if self.delivery == Delivery::ExactlyOnce {
             self.check_exactly_once(spec);
         }
-        if self.batch.compaction != Compaction::None {
-            spec.at("batch").field_error(
-                "compaction",
-                "LastWriteWins is not available in this version yet: remove it (every record is written, in order; upserts of one key in a batch already fold into one row write)",
-            );
-        }
-        if self.replay.is_some() {
-            spec.field_error(
-                "replay",
-                "declarative replay is not available in this version yet: remove it, and to rebuild, stop the workers (spec.replicas: 0) and reset the consumer group with Kafka's kafka-consumer-groups tool",
+        if self.replay.as_ref().is_some_and(|r| r.truncate_sinks) {
+            spec.at("replay").field_error(
+                "truncateSinks",
+                "truncating the sinks is not available in this version yet: set it to false and empty the tables yourself while the replay holds the workers at zero (a replay with a new token resets the group)",
             );
         }
         if self.idempotency.is_some()
@@ -135,6 +129,8 @@ mod tests {
         assert_eq!(paths(&spec(serde_json::json!({}))), Vec::<String>::new());
         let pinned = spec(serde_json::json!({"replicas": 0, "scaling": {"minReplicas": 0}}));
         assert_eq!(paths(&pinned), Vec::<String>::new());
+        let replay = spec(serde_json::json!({"replay": {"token": "t1", "to": "Earliest"}}));
+        assert_eq!(paths(&replay), Vec::<String>::new());
         // The lag autoscaler runs: every scaling field is accepted.
         let scaled = spec(serde_json::json!({"scaling": {
             "minReplicas": 0, "maxReplicas": 12, "targetLagPerReplica": 500,
@@ -159,22 +155,20 @@ mod tests {
     #[test]
     fn modes_not_built_are_refused_with_their_path_and_what_to_use() {
         let s = spec(serde_json::json!({
-            "batch": {"compaction": "LastWriteWins"},
-            "replay": {"token": "t1", "to": "Earliest"},
+            "replay": {"token": "t1", "to": "Earliest", "truncateSinks": true},
         }));
         let problems = s.validate().expect_err("refused");
-        for path in ["spec.batch.compaction", "spec.replay"] {
-            let problem = problems
-                .iter()
-                .find(|p| p.path == path)
-                .unwrap_or_else(|| panic!("{path} not refused: {problems}"));
-            assert!(
-                problem
-                    .message
-                    .contains("not available in this version yet"),
-                "{problem}"
-            );
-        }
+        let path = "spec.replay.truncateSinks";
+        let problem = problems
+            .iter()
+            .find(|p| p.path == path)
+            .unwrap_or_else(|| panic!("{path} not refused: {problems}"));
+        assert!(
+            problem
+                .message
+                .contains("not available in this version yet"),
+            "{problem}"
+        );
     }
 
     #[test]

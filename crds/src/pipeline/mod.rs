@@ -112,8 +112,10 @@ pub struct EventPipelineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
-    /// A one-shot reset of the consumer group's offsets. Not available in this version:
-    /// refused when set.
+    /// A one-shot reset of the consumer group's offsets, carried out once per token: the
+    /// workers are scaled to zero, the group (once it has no members) is reset, the token
+    /// is recorded in `status.lastReplay`, and the workers resume. Applying the same token
+    /// again does nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay: Option<Replay>,
     /// Overrides for the worker pods.
@@ -408,8 +410,7 @@ fn default_cooldown() -> DurationString {
     DurationString::new("5m")
 }
 
-/// A one-shot offset reset, identified by its token. Not available in this version: a
-/// pipeline that sets it is refused.
+/// A one-shot offset reset, identified by its token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -428,7 +429,7 @@ pub struct Replay {
     /// With `to: Offsets`, the offset of each partition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub offsets: Vec<PartitionOffset>,
-    /// Empty the sinks' tables first (for rebuilding a projection).
+    /// Empty the sinks' tables first. Not available in this version: refused when true.
     #[serde(default)]
     pub truncate_sinks: bool,
 }

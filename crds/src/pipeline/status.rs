@@ -44,7 +44,7 @@ pub struct EventPipelineStatus {
     /// Why the autoscaler last changed the replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
-    /// The last replay carried out.
+    /// The last replay carried out (or tried: see its `error`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_replay: Option<ReplayStatus>,
     /// Ready, Scaling and Degraded, with reasons.
@@ -84,4 +84,8 @@ pub struct ReplayStatus {
     /// Whether the sinks were truncated.
     #[serde(default)]
     pub truncated: bool,
+    /// Why the replay could not finish (the workers resumed; change the token to try
+    /// again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

@@ -13,6 +13,8 @@ use weir_crds::EventPipelineSpec;
 /// What the autoscaler remembers of one pipeline between its readings.
 #[derive(Debug)]
 pub struct PipelineState {
+    /// The replay token last carried out (the cache may not show its status yet).
+    pub replayed: Option<String>,
     epoch: Instant,
     last: Option<lag::Reading>,
     memory: policy::Memory,
@@ -21,6 +23,7 @@ pub struct PipelineState {
 impl Default for PipelineState {
     fn default() -> Self {
         Self {
+            replayed: None,
             epoch: Instant::now(),
             last: None,
             memory: policy::Memory::default(),

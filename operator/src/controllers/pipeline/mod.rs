@@ -9,6 +9,7 @@
 
 pub mod build;
 pub mod dereference;
+pub mod replay;
 pub mod status;
 pub mod validate;
 
@@ -107,6 +108,11 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
         }
     };
     let uid = pipeline.uid().unwrap_or_default();
+    if let Some(pending) = replay::pending(pipeline)
+        && ctx.autoscaler(&uid, |s| s.replayed.clone())?.as_deref() != Some(&pending.token)
+    {
+        return run_replay(ctx, pipeline, &refs, &rendered, &connection, pending).await;
+    }
     let before = refs
         .deployment
         .as_ref()
@@ -180,6 +186,76 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
     ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
         .await?;
     Ok(Action::requeue(ctx.config.lag_interval))
+}
+
+/// One step of a replay: the workers scaled to zero, then (no member left) the group
+/// reset and the replay recorded; the next reconcile scales the workers back.
+async fn run_replay(
+    ctx: &Context,
+    pipeline: &EventPipeline,
+    refs: &dereference::Dereferenced,
+    rendered: &Rendered,
+    connection: &KafkaConnection,
+    pending: &weir_crds::Replay,
+) -> Result<Action, Error> {
+    let namespace = pipeline.namespace().unwrap_or_default();
+    let uid = pipeline.uid().unwrap_or_default();
+    let deployment = match refs.deployment.clone() {
+        Some(d) => d,
+        None => {
+            let d = apply_all(ctx, pipeline, rendered).await?;
+            ctx.mark_applied(&uid, pipeline.metadata.generation, &rendered.config_hash);
+            d
+        }
+    };
+    if deployment.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
+        scale(ctx, &namespace, &rendered.deployment.name_any(), 0).await?;
+        ctx.event(
+            pipeline,
+            false,
+            "Replaying",
+            format!(
+                "replay {}: scaling the workers to zero to reset the consumer group",
+                pending.token
+            ),
+        )
+        .await;
+    }
+    let config =
+        crate::connection::client_config(&ctx.client, &namespace, &connection.spec).await?;
+    let kafka = crate::plugin::kafka::Kafka::new(config, ctx.config.kafka_timeout)
+        .map_err(|e| Error::Connection(e.to_string()))?;
+    let group = pipeline
+        .spec
+        .consumer_group(&namespace, &pipeline.name_any());
+    let base = status::running(pipeline, &deployment, 0);
+    match replay::step(&kafka, &group, pipeline, pending).await {
+        replay::Progress::Waiting(members) => {
+            let status = replay::waiting(base, pipeline, pending, members);
+            ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+                .await?;
+            Ok(Action::requeue(std::time::Duration::from_secs(1)))
+        }
+        replay::Progress::Finished(done) => {
+            let (warning, reason, note) = match &done.error {
+                None => (
+                    false,
+                    "Replayed",
+                    format!(
+                        "replay {}: consumer group {group} reset ({:?}); the workers resume",
+                        done.token, pending.to
+                    ),
+                ),
+                Some(e) => (true, "ReplayFailed", e.clone()),
+            };
+            let status = replay::finished(base, pipeline, done);
+            ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
+                .await?;
+            ctx.autoscaler(&uid, |s| s.replayed = Some(pending.token.clone()))?;
+            ctx.event(pipeline, warning, reason, note).await;
+            Ok(Action::requeue(std::time::Duration::from_millis(100)))
+        }
+    }
 }
 
 /// The status's figures as metrics.

@@ -1,0 +1,182 @@
+//! `spec.replay`: a one-shot reset of the pipeline's consumer group, identified by its
+//! token. A token not yet in `status.lastReplay`: the workers are scaled to zero; once the
+//! group has no members its offsets are moved (Kafka refuses a reset while members could
+//! overwrite it with their next commit); the token and time are recorded, and the normal
+//! reconcile scales the workers back. A token already recorded does nothing, so applying
+//! the same YAML from Git again is safe. A replay that cannot finish records why and the
+//! workers resume.
+
+use std::collections::BTreeMap;
+
+use kube::ResourceExt as _;
+use weir_crds::condition::types::SCALING;
+use weir_crds::{EventPipeline, EventPipelineStatus, Replay, ReplayStatus, ReplayTarget};
+
+use crate::conditions;
+use crate::plugin::kafka::Kafka;
+use crate::plugin::reset::{ResetRequest, ResetTo, TopicSelection, reset};
+
+/// The condition that is True while a replay waits for the workers to stop.
+pub const REPLAYING: &str = "Replaying";
+
+/// Whether `replay` is still to be carried out.
+pub fn pending(pipeline: &EventPipeline) -> Option<&Replay> {
+    let replay = pipeline.spec.replay.as_ref()?;
+    let done = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| s.last_replay.as_ref())
+        .is_some_and(|r| r.token == replay.token);
+    (!done).then_some(replay)
+}
+
+/// Where a replay ends after a step.
+#[derive(Debug)]
+pub enum Progress {
+    /// The group still has members (workers stopping): look again shortly.
+    Waiting(usize),
+    /// Done (or failed: `error` says why); the workers may run again.
+    Finished(ReplayStatus),
+}
+
+/// One step of the replay: with no member left, resets the group's offsets.
+pub async fn step(
+    kafka: &Kafka,
+    group: &str,
+    pipeline: &EventPipeline,
+    replay: &Replay,
+) -> Progress {
+    let finished = |error: Option<String>| {
+        Progress::Finished(ReplayStatus {
+            token: replay.token.clone(),
+            completed_at: conditions::now(),
+            truncated: false,
+            error,
+        })
+    };
+    match kafka.groups(Some(group)).await {
+        Ok(groups) => {
+            let members = groups.iter().map(|g| g.members.len()).sum::<usize>();
+            if members > 0 {
+                return Progress::Waiting(members);
+            }
+        }
+        Err(e) => return finished(Some(format!("cannot describe consumer group {group}: {e}"))),
+    }
+    let result = match replay.to {
+        ReplayTarget::Offsets => {
+            let offsets: BTreeMap<(String, i32), i64> = replay
+                .offsets
+                .iter()
+                .map(|o| ((o.topic.clone(), o.partition), o.offset))
+                .collect();
+            kafka
+                .commit(group, &offsets)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        target => {
+            let to = match target {
+                ReplayTarget::Earliest => Ok(ResetTo::Earliest),
+                ReplayTarget::Latest => Ok(ResetTo::Latest),
+                _ => crate::plugin::parse_time(replay.timestamp.as_deref().unwrap_or_default())
+                    .map(ResetTo::Time)
+                    .map_err(|e| format!("spec.replay.timestamp: {e}")),
+            };
+            match to {
+                Ok(to) => reset(
+                    kafka,
+                    &ResetRequest {
+                        group: group.to_owned(),
+                        topics: pipeline
+                            .spec
+                            .source
+                            .topics
+                            .iter()
+                            .map(|t| TopicSelection {
+                                topic: t.clone(),
+                                partitions: None,
+                            })
+                            .collect(),
+                        to,
+                        dry_run: false,
+                    },
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    finished(result.err().map(|e| {
+        format!(
+            "resetting consumer group {group} of {}: {e}; the workers resumed (change the token to try again)",
+            pipeline.name_any()
+        )
+    }))
+}
+
+/// The status while the replay waits for `members` to leave.
+pub fn waiting(
+    mut status: EventPipelineStatus,
+    pipeline: &EventPipeline,
+    replay: &Replay,
+    members: usize,
+) -> EventPipelineStatus {
+    let generation = pipeline.metadata.generation;
+    let message = format!(
+        "replay {}: the workers are scaled to zero; waiting for {members} consumer-group member(s) to leave before resetting the offsets",
+        replay.token
+    );
+    conditions::set(
+        &mut status.conditions,
+        REPLAYING,
+        true,
+        "WaitingForMembers",
+        message.clone(),
+        generation,
+    );
+    conditions::set(
+        &mut status.conditions,
+        SCALING,
+        false,
+        "Replaying",
+        message,
+        generation,
+    );
+    status.replicas = Some(0);
+    status
+}
+
+/// The status once the replay finished.
+pub fn finished(
+    mut status: EventPipelineStatus,
+    pipeline: &EventPipeline,
+    done: ReplayStatus,
+) -> EventPipelineStatus {
+    let generation = pipeline.metadata.generation;
+    match &done.error {
+        None => conditions::set(
+            &mut status.conditions,
+            REPLAYING,
+            false,
+            "Replayed",
+            format!(
+                "replay {} reset the consumer group at {}",
+                done.token, done.completed_at
+            ),
+            generation,
+        ),
+        Some(error) => conditions::set(
+            &mut status.conditions,
+            REPLAYING,
+            false,
+            "ReplayFailed",
+            error.clone(),
+            generation,
+        ),
+    }
+    status.last_replay = Some(done);
+    status
+}
