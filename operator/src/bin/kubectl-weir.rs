@@ -112,7 +112,8 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The plugin's errors carry their causes in their own message.
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
