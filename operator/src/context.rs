@@ -91,10 +91,12 @@ impl Context {
 
     /// The admin client for these client properties, made on first use.
     pub fn admin(&self, config: &rdkafka::ClientConfig) -> Result<Admin, Error> {
+        // The real values: `config_map()` masks passwords and keys, and a client made
+        // with an old password must not serve the new one.
         let mut key: ClientProperties = config
             .config_map()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into_keys()
+            .map(|k| (k.to_owned(), config.get(k).unwrap_or_default().to_owned()))
             .collect();
         key.sort();
         let mut admins = self

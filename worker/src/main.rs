@@ -40,9 +40,9 @@ enum Command {
         /// Namespace for the default consumer group `<namespace>.<name>`.
         #[arg(long, env = "WEIR_NAMESPACE")]
         namespace: Option<String>,
-        /// A stable identity for this worker in its consumer group (static membership,
-        /// e.g. the pod name): a restarted worker takes its partitions back at once instead
-        /// of waiting for a rebalance.
+        /// This worker's name, e.g. the pod name: its Kafka `client.id`, as the broker and
+        /// `kafka-consumer-groups --describe` show it. Not a static group membership: a
+        /// worker leaves its group on SIGTERM and the others take its partitions at once.
         #[arg(long, env = "WEIR_INSTANCE_ID")]
         instance_id: Option<String>,
         /// Records decoded and transformed at once, one thread each (CPU-heavy transforms

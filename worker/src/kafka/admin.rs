@@ -5,7 +5,7 @@
 //! reported as such, not as a timeout.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -103,14 +103,38 @@ pub type Partition = (String, i32);
 /// An admin client with a timeout on every operation.
 #[derive(Clone)]
 pub struct Admin {
-    client: Arc<AdminClient<Observer>>,
-    /// A client whose events are polled (the admin client's are not): it sees why
-    /// connecting fails, and answers metadata requests.
-    probe: Arc<ThreadedProducer<Observer>>,
+    clients: Arc<Mutex<Clients>>,
     /// For the short-lived consumers that read offsets; holds secrets, so never shown.
     config: ClientConfig,
     observer: Observer,
     timeout: Duration,
+}
+
+/// The librdkafka clients of an [`Admin`].
+#[derive(Clone)]
+struct Clients {
+    admin: Arc<AdminClient<Observer>>,
+    /// A client whose events are polled (the admin client's are not): it sees why
+    /// connecting fails, and answers metadata requests.
+    probe: Arc<ThreadedProducer<Observer>>,
+}
+
+impl Clients {
+    fn new(config: &ClientConfig, observer: &Observer) -> Result<Clients, AdminError> {
+        let created = |source| AdminError::Kafka {
+            operation: "creating the admin client",
+            source,
+        };
+        Ok(Clients {
+            admin: Arc::new(
+                AdminClient::from_config_and_context(config, observer.clone()).map_err(created)?,
+            ),
+            probe: Arc::new(
+                ThreadedProducer::from_config_and_context(config, observer.clone())
+                    .map_err(created)?,
+            ),
+        })
+    }
 }
 
 impl std::fmt::Debug for Admin {
@@ -138,21 +162,25 @@ impl Admin {
         observer: Observer,
         timeout: Duration,
     ) -> Result<Self, AdminError> {
-        let created = |source| AdminError::Kafka {
-            operation: "creating the admin client",
-            source,
-        };
-        let client =
-            AdminClient::from_config_and_context(config, observer.clone()).map_err(created)?;
-        let probe =
-            ThreadedProducer::from_config_and_context(config, observer.clone()).map_err(created)?;
         Ok(Self {
-            client: Arc::new(client),
-            probe: Arc::new(probe),
+            clients: Arc::new(Mutex::new(Clients::new(config, &observer)?)),
             config: config.clone(),
             observer,
             timeout,
         })
+    }
+
+    /// The clients, made anew after a failure that needs a change (credentials,
+    /// certificates): librdkafka reports such a failure once per broker and then only
+    /// "all brokers are down", so fresh clients are what says again, at once, why.
+    fn clients(&self) -> Result<Clients, AdminError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if self.observer.take_standing() {
+            let old = std::mem::replace(&mut *clients, Clients::new(&self.config, &self.observer)?);
+            // Closing a librdkafka client can take a moment: not on this thread.
+            std::thread::spawn(move || drop(old));
+        }
+        Ok(clients.clone())
     }
 
     pub fn observer(&self) -> &Observer {
@@ -244,7 +272,7 @@ impl Admin {
 
     /// Brokers and cluster id, from a metadata request.
     pub async fn cluster(&self) -> Result<ClusterInfo, AdminError> {
-        let probe = self.probe.clone();
+        let probe = self.clients()?.probe;
         let timeout = self.timeout;
         self.blocking("metadata request", move || {
             let metadata = probe.client().fetch_metadata(None, timeout)?;
@@ -259,7 +287,7 @@ impl Admin {
 
     /// The partitions of `topics` (a topic that does not exist has none).
     pub async fn partitions(&self, topics: &[String]) -> Result<Vec<Partition>, AdminError> {
-        let probe = self.probe.clone();
+        let probe = self.clients()?.probe;
         let timeout = self.timeout;
         let topics = topics.to_vec();
         self.blocking("metadata request", move || {
@@ -355,7 +383,7 @@ impl Admin {
 
     /// The topic's partitions, replication factor and configs; `None` when it does not exist.
     pub async fn describe(&self, topic: &str) -> Result<Option<TopicState>, AdminError> {
-        let probe = self.probe.clone();
+        let probe = self.clients()?.probe;
         let timeout = self.timeout;
         let name = topic.to_owned();
         let found = self
@@ -394,7 +422,8 @@ impl Admin {
         let results = self
             .bounded(
                 "describing the topic's configs",
-                self.client
+                self.clients()?
+                    .admin
                     .describe_configs([&ResourceSpecifier::Topic(topic)], &self.options()),
             )
             .await?;
@@ -442,7 +471,7 @@ impl Admin {
         let results = self
             .bounded(
                 "creating the topic",
-                self.client.create_topics([&new], &self.options()),
+                self.clients()?.admin.create_topics([&new], &self.options()),
             )
             .await?;
         refused("creating the topic", results)
@@ -454,7 +483,9 @@ impl Admin {
         let results = self
             .bounded(
                 "adding partitions",
-                self.client.create_partitions([&new], &self.options()),
+                self.clients()?
+                    .admin
+                    .create_partitions([&new], &self.options()),
             )
             .await?;
         refused("adding partitions", results)
@@ -478,7 +509,9 @@ impl Admin {
         let results = self
             .bounded(
                 "altering the topic's configs",
-                self.client.alter_configs([&alter], &self.options()),
+                self.clients()?
+                    .admin
+                    .alter_configs([&alter], &self.options()),
             )
             .await?;
         for result in results {
@@ -496,7 +529,9 @@ impl Admin {
         let results = self
             .bounded(
                 "deleting the topic",
-                self.client.delete_topics(&[topic], &self.options()),
+                self.clients()?
+                    .admin
+                    .delete_topics(&[topic], &self.options()),
             )
             .await?;
         match refused("deleting the topic", results) {

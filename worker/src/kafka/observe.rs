@@ -63,6 +63,16 @@ impl Cause {
         }
     }
 
+    /// How much a cause says: a specific one (credentials, certificates) more than
+    /// "unreachable", which says more than anything else.
+    fn rank(self) -> u8 {
+        match self {
+            Cause::Authentication | Cause::Tls => 2,
+            Cause::Unreachable => 1,
+            Cause::Other => 0,
+        }
+    }
+
     /// Whether retrying cannot help until something is changed (credentials,
     /// certificates).
     pub fn needs_a_change(self) -> bool {
@@ -161,7 +171,9 @@ impl Throttle {
             }
             Some(outage) => {
                 outage.failures += 1;
-                if outage.cause != cause {
+                // A more specific cause is news; the "all brokers are down" that follows a
+                // failed handshake is not.
+                if outage.cause != cause && cause.rank() >= outage.cause.rank() {
                     outage.cause = cause;
                     outage.logged = now;
                     outage.suppressed = 0;
@@ -242,6 +254,16 @@ impl Observer {
         recent(&self.0.last_specific).or_else(|| recent(&self.0.last))
     }
 
+    /// Whether a failure that needs a change (credentials, certificates) stands, not yet
+    /// followed by a working connection; forgets it.
+    pub fn take_standing(&self) -> bool {
+        self.0
+            .last_specific
+            .lock()
+            .map(|mut last| last.take().is_some())
+            .unwrap_or(false)
+    }
+
     /// Changes with every failure reported.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.failures.subscribe()
@@ -251,7 +273,7 @@ impl Observer {
     pub fn failed(&self, code: Option<RDKafkaErrorCode>, detail: &str) -> Failure {
         let failure = Failure {
             cause: Cause::classify(code, detail),
-            detail: detail.to_owned(),
+            detail: steady(detail).to_owned(),
         };
         let now = Instant::now();
         if let Ok(mut last) = self.0.last.lock() {
@@ -385,9 +407,37 @@ impl ProducerContext for Observer {
     }
 }
 
+/// librdkafka's words without what changes from one attempt to the next (the thread
+/// name, how long the attempt took, how many repeats were suppressed), so that a status
+/// made from them stays the same while the cause does.
+fn steady(detail: &str) -> &str {
+    let detail = match detail
+        .strip_prefix("[thrd:")
+        .and_then(|d| d.split_once("]: "))
+    {
+        Some((_, rest)) => rest,
+        None => detail,
+    };
+    match detail.rfind(" (after ") {
+        Some(at) if detail.ends_with(')') => &detail[..at],
+        _ => detail,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_changes_between_attempts_is_left_out() {
+        assert_eq!(
+            steady(
+                "[thrd:sasl_ssl://127.0.0.1:1/bootstrap]: sasl_ssl://127.0.0.1:1/bootstrap: SASL authentication error: Authentication failed (after 282ms in state AUTH_REQ, 2 identical error(s) suppressed)"
+            ),
+            "sasl_ssl://127.0.0.1:1/bootstrap: SASL authentication error: Authentication failed"
+        );
+        assert_eq!(steady("1/1 brokers are down"), "1/1 brokers are down");
+    }
 
     #[test]
     fn an_outage_is_logged_once_then_every_interval_with_a_count_then_once_when_over() {
@@ -431,6 +481,12 @@ mod tests {
         assert_eq!(throttle.failure(Cause::Unreachable, now), None);
         assert_eq!(
             throttle.failure(Cause::Authentication, now),
+            Some(ThrottleReport::First)
+        );
+        // The generic failure that follows a specific one is only counted.
+        assert_eq!(throttle.failure(Cause::Unreachable, now), None);
+        assert_eq!(
+            throttle.failure(Cause::Tls, now),
             Some(ThrottleReport::First)
         );
     }
