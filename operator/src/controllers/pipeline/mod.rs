@@ -70,6 +70,11 @@ async fn refuse(
         .as_ref()
         .and_then(|s| conditions::reason(&s.conditions, READY))
         .map(str::to_owned);
+    // Not run: no figures to report.
+    ctx.metrics.forget_pipeline(
+        &pipeline.namespace().unwrap_or_default(),
+        &pipeline.name_any(),
+    );
     let status = status::refused(pipeline, &refusal);
     ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
         .await?;
