@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, skipping whatever is already there, so a second run
 # takes seconds:
-#   - PostgreSQL, Redis and MariaDB (Debian packages)
+#   - PostgreSQL, Redis and MariaDB (Debian packages), and libssl-dev, which librdkafka's
+#     TLS and SASL/SCRAM are built against
 #   - the pinned Apache Kafka broker jars (Maven Central, via testkit/kafka/pom.xml) into
 #     the tools directory ($WEIR_TOOLS_DIR, default ~/.cache/weir-tools)
 #   - kube-apiserver, etcd and kubectl, built with Go from testkit/kube/go.mod into the tools
@@ -32,6 +33,8 @@ command -v mariadb-install-db >/dev/null || missing+=(mariadb-server)
 command -v java >/dev/null || missing+=(default-jdk-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v openssl >/dev/null || missing+=(openssl)
+# librdkafka is built against the system's OpenSSL 3 (TLS and SASL/SCRAM to Kafka).
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev pkg-config)
 python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
@@ -39,7 +42,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root apt-get update -qq
   as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  say "postgresql, redis-server, mariadb-server, java, mvn, openssl, python3-venv: present"
+  say "postgresql, redis-server, mariadb-server, java, mvn, openssl, libssl-dev, python3-venv: present"
 fi
 
 # The Kafka broker's jars.
