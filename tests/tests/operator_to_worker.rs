@@ -11,6 +11,8 @@
 //!
 //! Events then land in the table, a poison event lands on the dead-letter topic, and
 //! SIGTERM stops the worker cleanly: what the operator renders is what the worker runs.
+//! Once over the broker's PLAINTEXT listener, once over its SASL_SSL one (SCRAM-SHA-512,
+//! the CA and the password from Secrets), where the password must appear in no log.
 
 #[path = "../../operator/tests/common/mod.rs"]
 mod common;
@@ -56,6 +58,16 @@ impl Drop for Process {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_rendered_deployment_runs_the_pipeline() -> anyhow::Result<()> {
+    rendered_deployment_runs(false).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rendered_deployment_runs_the_pipeline_over_sasl_ssl_with_secrets() -> anyhow::Result<()>
+{
+    rendered_deployment_runs(true).await
+}
+
+async fn rendered_deployment_runs(sasl_ssl: bool) -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     let kafka = TestKafka::shared()?;
     let db = TestDatabase::create().await?;
@@ -71,7 +83,29 @@ async fn the_rendered_deployment_runs_the_pipeline() -> anyhow::Result<()> {
     secret.metadata.name = Some("orders-db".into());
     secret.string_data = Some(BTreeMap::from([("url".to_owned(), db.url.clone())]));
     secrets.create(&PostParams::default(), &secret).await?;
-    cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
+    let password = if sasl_ssl {
+        let security = kafka.security()?.clone();
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("kafka-credentials".into());
+        secret.string_data = Some(BTreeMap::from([
+            ("password".to_owned(), security.scram_password.clone()),
+            ("ca.crt".to_owned(), security.ca_pem.clone()),
+        ]));
+        secrets.create(&PostParams::default(), &secret).await?;
+        cluster
+            .apply_yaml(
+                &ns,
+                &format!(
+                    "apiVersion: weir.dev/v1alpha1\nkind: KafkaConnection\nmetadata: {{name: default}}\nspec:\n  bootstrapServers: [\"{}\"]\n  tls:\n    caCert: {{name: kafka-credentials, key: ca.crt}}\n  sasl:\n    mechanism: SCRAM-SHA-512\n    username: {}\n    passwordSecretRef: {{name: kafka-credentials, key: password}}\n",
+                    security.sasl_ssl, security.scram_user
+                ),
+            )
+            .await?;
+        Some(security.scram_password)
+    } else {
+        cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
+        None
+    };
     cluster
         .apply_yaml(
             &ns,
@@ -264,5 +298,13 @@ spec:
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exited.success(), "worker exit {exited:?}\n{}", log_text());
+    if let Some(password) = password {
+        let log = log_text();
+        assert!(log.contains("consuming"), "{log}");
+        assert!(
+            !log.contains(&password),
+            "the password is in the worker's log"
+        );
+    }
     operator.stop().await
 }
