@@ -136,7 +136,10 @@ async fn assert_nowhere(
         &events.list(&ListParams::default()).await?.items,
     )?);
     let log = log.text();
-    assert!(log.contains("starting the controllers"), "nothing was captured");
+    assert!(
+        log.contains("starting the controllers"),
+        "nothing was captured"
+    );
     for secret in secrets {
         assert!(!secret.is_empty());
         assert!(
@@ -357,6 +360,60 @@ async fn topics_are_created_altered_and_deleted_over_sasl_ssl_and_mutual_tls() -
         &[&s.scram_password, &pem_body_line(&s.client_key_pem)],
         &log,
     )
+    .await?;
+    operator.stop().await
+}
+
+/// The README's SASL_SSL KafkaConnection and its Secret, as a user would copy them (their
+/// placeholders filled with the harness's broker, user, password and CA): applied to the
+/// real API server, the connection becomes Ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readmes_sasl_ssl_connection_applies_and_becomes_ready() -> anyhow::Result<()> {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )?;
+    let block = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split_once("```").map(|(yaml, _)| yaml))
+        .find(|yaml| yaml.contains("kind: KafkaConnection") && yaml.contains("SCRAM-SHA-512"))
+        .ok_or_else(|| anyhow::anyhow!("the README shows no SASL_SSL KafkaConnection"))?;
+    let cluster = Cluster::start().await?;
+    let kafka = TestKafka::shared()?;
+    let s = kafka.security()?.clone();
+    let start = block
+        .find("  ca.crt: |\n")
+        .ok_or_else(|| anyhow::anyhow!("no ca.crt in the README's Secret"))?;
+    let end = block[start..]
+        .find("-----END CERTIFICATE-----\n")
+        .map(|i| start + i + "-----END CERTIFICATE-----\n".len())
+        .ok_or_else(|| anyhow::anyhow!("no CA certificate in the README's Secret"))?;
+    let ca: String = s.ca_pem.lines().map(|l| format!("    {l}\n")).collect();
+    let mut yaml = format!("{}  ca.crt: |\n{ca}{}", &block[..start], &block[end..]);
+    yaml = yaml.replace(
+        "password: CHANGE-ME",
+        &format!("password: {}", s.scram_password),
+    );
+    yaml = yaml.replace("username: weir\n", &format!("username: {}\n", s.scram_user));
+    let servers = yaml
+        .lines()
+        .find(|l| l.trim_start().starts_with("bootstrapServers:"))
+        .ok_or_else(|| anyhow::anyhow!("no bootstrapServers"))?
+        .to_owned();
+    yaml = yaml.replace(
+        &servers,
+        &format!("  bootstrapServers: [\"{}\"]", s.sasl_ssl),
+    );
+    let ns = cluster.namespace("readme").await?;
+    cluster.apply_yaml(&ns, &yaml).await?;
+    let operator = Operator::start(
+        cluster.operator_client()?,
+        config(&unique_name("lease"), "op-readme"),
+    );
+    let api: Api<KafkaConnection> = Api::namespaced(cluster.admin.clone(), &ns);
+    eventually("the README's connection to be Ready", || async {
+        Ok(ready_of(&api, "default").await?.filter(|r| r.0 == "True"))
+    })
     .await?;
     operator.stop().await
 }
