@@ -36,7 +36,7 @@ async fn job_requests_land_in_mysql_once_each() -> anyhow::Result<()> {
 fn job(i: usize) -> Value {
     json!({
         "idempotencyKey": format!("job-{i:05}"),
-        "kind": if i % 2 == 0 { "email" } else { "report" },
+        "kind": if i.is_multiple_of(2) { "email" } else { "report" },
         "priority": i % 10,
         "scheduledAt": format!("2026-12-01T10:{:02}:{:02}Z", i / 60 % 60, i % 60),
         "payload": {"n": i},
