@@ -193,6 +193,9 @@ async fn run(
     embedded_broker: bool,
     status: Option<ProgressBar>,
 ) -> ExitCode {
+    // Listening from the first moment: a SIGTERM during start-up (a rolling update, a
+    // scale-down) stops the worker cleanly instead of killing it by the default action.
+    let signals = Signals::listen();
     // Kept alive while the pipeline runs.
     let mut broker = None;
     if embedded_broker {
@@ -239,7 +242,7 @@ async fn run(
     }
     let (stop, shutdown) = watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!("stopping: finishing the batch in flight");
         let _ = stop.send(true);
     });
@@ -269,20 +272,50 @@ async fn run(
     }
 }
 
-async fn wait_for_signal() {
-    let mut terminate = match tokio::signal::unix::signal(
-        tokio::signal::unix::SignalKind::terminate(),
-    ) {
-        Ok(signal) => signal,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the worker");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, listened for from the moment this is made.
+struct Signals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn listen() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for {name}");
+                None
+            }
+        };
+        Signals {
+            terminate: listen(SignalKind::terminate(), "SIGTERM"),
+            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    }
+
+    /// Returns when either arrives (or never, when neither could be listened for).
+    async fn wait(mut self) {
+        let terminate = async {
+            match self.terminate.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let interrupt = async {
+            match self.interrupt.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = terminate => {}
+            () = interrupt => {}
+        }
     }
 }
 
