@@ -479,6 +479,24 @@ impl Engine {
                                 "unwritten records of revoked partitions left to their new owner"
                             );
                         }
+                        // A partition revoked and assigned back between two fetches can
+                        // bring its records twice (read before the revocation, and again
+                        // from the claimed position): each record is written once.
+                        let mut seen = std::collections::HashSet::new();
+                        let fetched = prepared.len();
+                        prepared.retain(|p| {
+                            seen.insert((
+                                p.record.topic.clone(),
+                                p.record.partition,
+                                p.record.offset,
+                            ))
+                        });
+                        if prepared.len() < fetched {
+                            tracing::debug!(
+                                repeated = fetched - prepared.len(),
+                                "records fetched twice in one batch written once"
+                            );
+                        }
                         let compacted = if compaction {
                             crate::batch::last_write_wins(&mut prepared)
                         } else {
