@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use common::{
     DEADLINE, committed_total, pipeline, produce, read_topic, start_with_args, wait_until,
+    wake_zombie,
 };
 use serde_json::{Value, json};
 use weir_testkit::{TestDatabase, TestKafka, TestMySqlDatabase};
@@ -225,37 +226,9 @@ async fn postgres_exactly_once_zombie_that_lost_its_partitions_commits_nothing()
     })
     .await??;
 
-    // The zombie wakes with its batch due. Either its compare-and-set finds the new
-    // generation first: it commits nothing and exits; or librdkafka first reports the
-    // session it lost: the batch of the revoked partitions is dropped unwritten and the
-    // worker rejoins as an ordinary member. Which comes first depends on the machine's
-    // load; in both, nothing is written twice.
-    zombie.signal("CONT")?;
-    let fenced = wait_until(
-        "the zombie to be fenced or to drop its batch",
-        DEADLINE,
-        || {
-            if !zombie.is_running() {
-                return Ok(Some(true));
-            }
-            Ok(zombie
-                .log_text()
-                .contains("revoked partitions left to their new owner")
-                .then_some(false))
-        },
-    )?;
-    if fenced {
-        let status = zombie.wait(DEADLINE)?;
-        let log = zombie.log_text();
-        assert!(log.contains("fenced"), "{log}");
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "a fenced worker exits cleanly: {log}"
-        );
-    } else {
-        zombie.stop()?;
-    }
+    // The zombie wakes with its batch due: its compare-and-set finds the new generation
+    // and it commits nothing, or it learns first that it lost its partitions.
+    wake_zombie(&mut zombie)?;
     assert_eq!(rows(&db.pool).await?, TOTAL, "the zombie wrote nothing");
     assert!(second.is_running(), "{}", second.log_text());
     second.stop()?;

@@ -159,6 +159,46 @@ pub fn wait_until<T>(
     }
 }
 
+/// Wakes (SIGCONT) a worker stopped with a batch read but not written after the group gave
+/// its partitions to another member, and waits until it has settled. Either its commit
+/// reaches the broker or database first and is refused as fenced: it says so and exits 0
+/// (returns `true`); or librdkafka first reports the session it lost: the batch of the
+/// revoked partitions is dropped unwritten and the worker rejoins as an ordinary member,
+/// which is then stopped (returns `false`). Which comes first depends on the machine's
+/// load, not on the worker; in both, the caller checks that nothing was written twice.
+pub fn wake_zombie(zombie: &mut Worker) -> anyhow::Result<bool> {
+    zombie.signal("CONT")?;
+    let fenced = wait_until(
+        "the zombie to be fenced or to drop its batch",
+        DEADLINE,
+        || {
+            if !zombie.is_running() {
+                return Ok(Some(true));
+            }
+            Ok(zombie
+                .log_text()
+                .contains("revoked partitions left to their new owner")
+                .then_some(false))
+        },
+    )
+    .with_context(|| zombie.log_text())?;
+    if fenced {
+        let status = zombie.wait(DEADLINE)?;
+        let log = zombie.log_text();
+        anyhow::ensure!(
+            log.contains("fenced"),
+            "exited without saying fenced: {log}"
+        );
+        anyhow::ensure!(
+            status.code() == Some(0),
+            "a fenced worker exits cleanly, not with {status}: {log}"
+        );
+    } else {
+        zombie.stop()?;
+    }
+    Ok(fenced)
+}
+
 /// Produces `(key, value)` records in order and waits for every acknowledgement.
 pub async fn produce(
     kafka: &TestKafka,
