@@ -157,12 +157,15 @@ impl std::fmt::Debug for Transaction<'_> {
 }
 
 /// For offsets kept by the sink: per partition, the next offset to apply. Records before it
-/// were applied already (read again from the group's older committed offset before the seek
-/// took effect) and are dropped.
+/// were applied already, or taken into a batch already, and are dropped: read again from
+/// the group's older committed offset before the seek to the stored one took effect, or
+/// read a second time after that seek rewound a fetch that had already delivered them.
 #[derive(Debug, Default)]
 pub struct Positions(HashMap<(String, i32), i64>);
 
 impl Positions {
+    /// Where a claimed partition resumes; `None` (nothing stored) accepts whatever the
+    /// group's offset brings first.
     pub fn set(&mut self, topic: &str, partition: i32, next: Option<i64>) {
         match next {
             Some(next) => self.0.insert((topic.to_owned(), partition), next),
@@ -170,11 +173,15 @@ impl Positions {
         };
     }
 
-    /// Whether `record` is still to be applied.
-    pub fn keeps(&self, record: &Record) -> bool {
-        self.0
-            .get(&(record.topic.clone(), record.partition))
-            .is_none_or(|next| record.offset >= *next)
+    /// Whether `record` is still to be applied; if so, the partition's next offset moves
+    /// past it, so the same record read again is refused.
+    pub fn admit(&mut self, record: &Record) -> bool {
+        let key = (record.topic.clone(), record.partition);
+        if self.0.get(&key).is_some_and(|next| record.offset < *next) {
+            return false;
+        }
+        self.0.insert(key, record.offset + 1);
+        true
     }
 }
 
@@ -230,13 +237,19 @@ mod tests {
     }
 
     #[test]
-    fn records_before_the_stored_offset_are_dropped() {
+    fn records_before_the_stored_offset_or_taken_already_are_dropped() {
         let mut positions = Positions::default();
         positions.set("a", 0, Some(5));
-        assert!(!positions.keeps(&record("a", 0, 4)));
-        assert!(positions.keeps(&record("a", 0, 5)));
-        assert!(positions.keeps(&record("a", 1, 0)));
+        assert!(!positions.admit(&record("a", 0, 4)));
+        assert!(positions.admit(&record("a", 0, 5)));
+        assert!(positions.admit(&record("a", 0, 6)));
+        // The seek to 5 took effect after 5 and 6 were delivered: both come again.
+        assert!(!positions.admit(&record("a", 0, 5)));
+        assert!(!positions.admit(&record("a", 0, 6)));
+        assert!(positions.admit(&record("a", 0, 7)));
+        assert!(positions.admit(&record("a", 1, 0)));
+        // Claimed again with nothing stored: what the group's offset brings is taken.
         positions.set("a", 0, None);
-        assert!(positions.keeps(&record("a", 0, 0)));
+        assert!(positions.admit(&record("a", 0, 0)));
     }
 }

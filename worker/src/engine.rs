@@ -365,9 +365,10 @@ impl Engine {
 
     fn take(&mut self, message: Result<Record, rdkafka::error::KafkaError>) {
         match message {
-            // Read again from the group's older offset before the seek to the sink's took
-            // effect: applied already.
-            Ok(record) if !self.positions.keeps(&record) => {}
+            // With offsets kept by the sink: read again from the group's older offset
+            // before the seek to the sink's took effect (applied already), or a second time
+            // after the seek rewound the fetch (in a batch already).
+            Ok(record) if self.keeper.is_some() && !self.positions.admit(&record) => {}
             Ok(record) => {
                 Metrics::add(&self.metrics.consumed, 1);
                 self.batch.push(record);
