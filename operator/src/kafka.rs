@@ -3,4 +3,6 @@
 //! cluster metadata, a group's committed offsets and the high watermarks, each bounded by
 //! a timeout, with a failure's cause (authentication, TLS, unreachable) when it is known.
 
-pub use weir_worker::kafka::{Admin, AdminError, Cause, ClusterInfo, Observer, TopicState};
+pub use weir_worker::kafka::{
+    Admin, AdminError, Cause, ClusterInfo, CommittedRange, Observer, TopicState,
+};

@@ -1,13 +1,14 @@
 //! The lag reader against the real broker: a backlog is produced, more records arrive
 //! while a consumer drains part of it and commits; between two readings the lag, the
 //! arrival rate and the drain rate are what the test counted itself (within 10 %; the
-//! counts are exact, so they match to the record).
+//! counts are exact, so they match to the record). On a topic written in transactions the
+//! lag is what a read_committed consumer still receives: no markers, no aborted records.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer as _};
-use rdkafka::producer::FutureRecord;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::producer::{BaseRecord, FutureRecord, Producer as _, ThreadedProducer};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use weir_crds::StartPosition;
 use weir_operator::autoscale::lag;
@@ -117,6 +118,119 @@ async fn lag_and_rates_match_the_tests_own_counts() -> anyhow::Result<()> {
         within_ten_percent(rates.drain(), counted_drain),
         "drain {} vs counted {counted_drain}",
         rates.drain()
+    );
+    Ok(())
+}
+
+/// Consumes `count` records (read_committed, the consumer's default) and commits, per
+/// partition, the offset after the last one, as a worker does.
+async fn consume_and_commit(
+    consumer: &StreamConsumer,
+    topic: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    let mut values = Vec::new();
+    for _ in 0..count {
+        let message = tokio::time::timeout(Duration::from_secs(20), consumer.recv()).await??;
+        next.insert(message.partition(), message.offset() + 1);
+        values.push(String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned());
+    }
+    let mut commit = TopicPartitionList::new();
+    for (p, offset) in &next {
+        commit.add_partition_offset(topic, *p, Offset::Offset(*offset))?;
+    }
+    consumer.commit(&commit, CommitMode::Sync)?;
+    Ok(values)
+}
+
+/// The offset difference the reader would report without counting records.
+fn offset_lag(reading: &lag::Reading) -> i64 {
+    reading
+        .offsets
+        .values()
+        .map(|(c, h)| reading.partition_lag(*c, *h))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_markers_and_aborted_records_are_not_lag() -> anyhow::Result<()> {
+    let kafka = TestKafka::shared()?;
+    let topic = kafka.create_topic("lag-txn", 2, &[]).await?;
+    let group = unique_name("lag-txn-group");
+    let topics = vec![topic.clone()];
+    let admin = Admin::new(&kafka.config(), Duration::from_secs(10))?;
+
+    // 5 transactions of 20 records over both partitions; the third is aborted. Each
+    // transaction leaves a marker on each partition it wrote to.
+    let (transactions, per_transaction, aborted) = (5, 20, 2);
+    let producer_config = kafka.config();
+    let producer_topic = topic.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let timeout = Duration::from_secs(20);
+        let producer: ThreadedProducer<_> = producer_config
+            .clone()
+            .set("transactional.id", unique_name("lag-txn-producer"))
+            .create()?;
+        producer.init_transactions(timeout)?;
+        for t in 0..transactions {
+            producer.begin_transaction()?;
+            for i in 0..per_transaction {
+                let key = format!("k{i}");
+                let value = format!("t{t}-{i}");
+                producer
+                    .send(BaseRecord::to(&producer_topic).key(&key).payload(&value))
+                    .map_err(|(e, _)| e)?;
+            }
+            producer.flush(timeout)?;
+            if t == aborted {
+                producer.abort_transaction(timeout)?;
+            } else {
+                producer.commit_transaction(timeout)?;
+            }
+        }
+        Ok(())
+    })
+    .await??;
+    let committed = (transactions - 1) * per_transaction;
+
+    // No commit yet, Earliest: every committed record, from offset 0.
+    let first = read(&admin, &group, &topics, StartPosition::Earliest).await?;
+    assert_eq!(first.total(), committed as i64);
+    assert_eq!(
+        offset_lag(&first),
+        (transactions * per_transaction + 2 * transactions) as i64,
+        "records, aborted records and a marker per transaction and partition"
+    );
+
+    // Part-way: what was consumed and committed is gone from the lag, to the record.
+    let consumer = kafka.consumer(&group)?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..2 {
+        assignment.add_partition_offset(&topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let part = 30;
+    let mut values = consume_and_commit(&consumer, &topic, part).await?;
+    let partway = read(&admin, &group, &topics, StartPosition::Earliest).await?;
+    assert_eq!(partway.total(), (committed - part) as i64);
+    assert!(offset_lag(&partway) > partway.total(), "{partway:?}");
+    assert_eq!(partway.lag().topics[0].lag, (committed - part) as i64);
+
+    // Everything consumed and committed: no lag, though the offsets still differ.
+    values.extend(consume_and_commit(&consumer, &topic, committed - part).await?);
+    assert!(
+        values
+            .iter()
+            .all(|v| !v.starts_with(&format!("t{aborted}-"))),
+        "the consumer received an aborted record"
+    );
+    let done = read(&admin, &group, &topics, StartPosition::Earliest).await?;
+    assert_eq!(done.total(), 0, "{done:?}");
+    assert_eq!(done.lags(), vec![0, 0]);
+    assert!(
+        offset_lag(&done) >= 2,
+        "each partition ends with a commit marker: {done:?}"
     );
     Ok(())
 }

@@ -2,16 +2,33 @@
 //! through the Kafka client module both binaries share, and what two readings say: lag per
 //! partition and in total, the arrival rate (watermark growth) and the drain rate
 //! (committed-offset growth).
+//!
+//! Lag is what the group's `read_committed` consumers would still receive. Offsets alone
+//! overstate it on a topic written by transactional producers: every transaction leaves a
+//! commit or abort marker that takes an offset but is never delivered, and the records of
+//! an aborted transaction are never delivered either, so a fully consumed partition would
+//! keep an offset lag of one or more forever. A partition whose offset lag is small (at
+//! most [`COUNT_BELOW`]), where that difference decides whether workers are needed at
+//! all, has its records counted: a `read_committed` Fetch from the committed offset (at
+//! most [`COUNT_BYTES`]) whose record batch headers are counted, markers and aborted
+//! transactions left out. Above that, and wherever the Fetch cannot be made, the offset
+//! difference stands: one marker per transaction is then a small share of the backlog.
+//! The rates stay in offsets, as the policy compares them with each other.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use crate::kafka::{Admin, AdminError, CommittedRange};
 use weir_crds::{Lag, StartPosition, TopicLag};
-
-use crate::kafka::{Admin, AdminError};
 
 /// A topic and partition.
 pub type Partition = (String, i32);
+
+/// Partitions with at most this offset lag have their records counted.
+pub const COUNT_BELOW: i64 = 1000;
+/// The most bytes read per partition and reading to count them; what lies beyond is
+/// counted by offsets.
+pub const COUNT_BYTES: i32 = 256 << 10;
 
 /// One reading of a group on its topics.
 #[derive(Clone, Debug)]
@@ -22,9 +39,14 @@ pub struct Reading {
     pub offsets: BTreeMap<Partition, (Option<i64>, i64)>,
     /// Where the group starts on a partition it has not committed on.
     pub start: StartPosition,
+    /// Per partition whose records were counted: the records a `read_committed`
+    /// consumer would still receive up to the high watermark.
+    pub counted: BTreeMap<Partition, i64>,
 }
 
-/// Reads `group`'s committed offsets and the high watermarks of `topics`.
+/// Reads `group`'s committed offsets and the high watermarks of `topics`, and counts the
+/// records of the partitions with a small lag. A failed count is no failed reading: those
+/// partitions are counted by offsets.
 pub async fn read(
     admin: &Admin,
     group: &str,
@@ -33,7 +55,7 @@ pub async fn read(
 ) -> Result<Reading, AdminError> {
     let high = admin.high_watermarks(topics).await?;
     let committed = admin.committed_offsets(group, topics).await?;
-    Ok(Reading {
+    let mut reading = Reading {
         at: Instant::now(),
         offsets: high
             .into_iter()
@@ -43,13 +65,34 @@ pub async fn read(
             })
             .collect(),
         start,
-    })
+        counted: BTreeMap::new(),
+    };
+    let ranges = reading.ranges_to_count();
+    if !ranges.is_empty() {
+        match admin.count_committed(&ranges, COUNT_BYTES).await {
+            Ok(counts) => {
+                for range in ranges {
+                    let partition = (range.topic, range.partition);
+                    if let Some(c) = counts.get(&partition) {
+                        reading
+                            .counted
+                            .insert(partition, c.records + (range.until - c.reached));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(group, error = %e, "lag counted by offsets: the records could not be read")
+            }
+        }
+    }
+    Ok(reading)
 }
 
 impl Reading {
-    /// Lag of one partition: records up to the high watermark not yet committed. Without a
-    /// commit, from the start position: everything under Earliest (this counts from offset
-    /// 0: records already removed by retention are counted too), nothing under Latest.
+    /// Offset lag of one partition: offsets up to the high watermark not yet committed.
+    /// Without a commit, from the start position: everything under Earliest (this counts
+    /// from offset 0: records already removed by retention are counted too, unless the
+    /// partition's records were counted), nothing under Latest.
     pub fn partition_lag(&self, committed: Option<i64>, high: i64) -> i64 {
         match (committed, self.start) {
             (Some(c), _) => (high - c).max(0),
@@ -58,11 +101,41 @@ impl Reading {
         }
     }
 
+    /// Lag of one partition: its counted records, else its offset lag.
+    fn lag_of(&self, partition: &Partition, committed: Option<i64>, high: i64) -> i64 {
+        self.counted
+            .get(partition)
+            .copied()
+            .unwrap_or_else(|| self.partition_lag(committed, high))
+    }
+
+    /// The partitions whose records are worth counting: an offset lag from 1 to
+    /// [`COUNT_BELOW`], from where the group's consumers would start.
+    fn ranges_to_count(&self) -> Vec<CommittedRange> {
+        self.offsets
+            .iter()
+            .filter_map(|((topic, partition), (c, h))| {
+                let lag = self.partition_lag(*c, *h);
+                let from = match (c, self.start) {
+                    (Some(c), _) => *c,
+                    (None, StartPosition::Earliest) => 0,
+                    (None, StartPosition::Latest) => return None,
+                };
+                (1..=COUNT_BELOW).contains(&lag).then(|| CommittedRange {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    from,
+                    until: *h,
+                })
+            })
+            .collect()
+    }
+
     /// Lag per partition, in partition order.
     pub fn lags(&self) -> Vec<i64> {
         self.offsets
-            .values()
-            .map(|(c, h)| self.partition_lag(*c, *h))
+            .iter()
+            .map(|(p, (c, h))| self.lag_of(p, *c, *h))
             .collect()
     }
 
@@ -73,8 +146,8 @@ impl Reading {
     /// Per topic and in total, for status.
     pub fn lag(&self) -> Lag {
         let mut topics: BTreeMap<&str, i64> = BTreeMap::new();
-        for ((topic, _), (c, h)) in &self.offsets {
-            *topics.entry(topic).or_default() += self.partition_lag(*c, *h);
+        for (partition, (c, h)) in &self.offsets {
+            *topics.entry(&partition.0).or_default() += self.lag_of(partition, *c, *h);
         }
         Lag {
             total: self.total(),
@@ -124,7 +197,8 @@ pub fn rates(before: &Reading, now: &Reading) -> Option<Rates> {
     let mut drained = Vec::with_capacity(now.offsets.len());
     for ((c0, h0), (c1, h1)) in before.offsets.values().zip(now.offsets.values()) {
         arrival += (h1 - h0).max(0) as f64 / seconds;
-        // Lag that went away counts as drained: a first commit, or one past the last.
+        // Offset lag that went away counts as drained: a first commit, or one past the
+        // last (offsets, like the arrival rate: the two are compared).
         let lag0 = before.partition_lag(*c0, *h0);
         let lag1 = now.partition_lag(*c1, *h1);
         let consumed = match (c0, c1) {
@@ -153,6 +227,7 @@ mod tests {
                 .map(|(p, c, h)| (("t".to_owned(), *p), (*c, *h)))
                 .collect(),
             start: StartPosition::Earliest,
+            counted: BTreeMap::new(),
         }
     }
 
@@ -172,5 +247,38 @@ mod tests {
         assert_eq!(r.arrival, (20.0 + 10.0) / 2.0);
         assert_eq!(r.drained, vec![20.0, 15.0]);
         assert_eq!(now.lag().total, 30 + 20);
+    }
+
+    #[test]
+    fn counted_records_replace_the_offset_lag_but_not_the_rates() {
+        let t0 = Instant::now();
+        let mut before = reading(
+            t0,
+            &[(0, Some(100), 102), (1, Some(10), 5000), (2, None, 3)],
+        );
+        // Partition 0 is consumed but for a marker and an aborted transaction's records;
+        // partition 1 is too far behind to be counted; partition 2 counts from offset 0.
+        let ranges = before.ranges_to_count();
+        assert_eq!(
+            ranges
+                .iter()
+                .map(|r| (r.partition, r.from, r.until))
+                .collect::<Vec<_>>(),
+            vec![(0, 100, 102), (2, 0, 3)]
+        );
+        before.counted.insert(("t".to_owned(), 0), 0);
+        before.counted.insert(("t".to_owned(), 2), 2);
+        assert_eq!(before.lags(), vec![0, 4990, 2]);
+        assert_eq!(before.lag().total, 4992);
+        let now = reading(
+            t0 + Duration::from_secs(1),
+            &[(0, Some(102), 102), (1, Some(10), 5000), (2, Some(3), 3)],
+        );
+        let r = rates(&before, &now).expect("rates");
+        assert_eq!(r.drained, vec![2.0, 0.0, 3.0]);
+        let mut latest = now.clone();
+        latest.start = StartPosition::Latest;
+        latest.offsets.insert(("t".to_owned(), 3), (None, 9));
+        assert_eq!(latest.ranges_to_count(), vec![]);
     }
 }

@@ -21,7 +21,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::observe::{Cause, Failure, Observer};
-use super::wire::{Wire, WireError};
+use super::records::Counted;
+use super::wire::{CommittedRange, Wire, WireError};
 
 /// A failed admin operation.
 #[derive(Debug, thiserror::Error)]
@@ -578,6 +579,21 @@ impl Admin {
         use base64::Engine as _;
         let id = self.wire()?.topic_id(topic).await?;
         Ok(id.map(|id| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())))
+    }
+
+    /// The records a `read_committed` consumer at each range's `from` would receive
+    /// before its `until` (transaction markers and aborted transactions left out), by a
+    /// Fetch of at most `partition_bytes` per partition from each partition's leader; a
+    /// partition that could not be read is absent.
+    pub async fn count_committed(
+        &self,
+        ranges: &[CommittedRange],
+        partition_bytes: i32,
+    ) -> Result<BTreeMap<Partition, Counted>, AdminError> {
+        Ok(self
+            .wire()?
+            .count_committed(ranges, partition_bytes)
+            .await?)
     }
 
     fn wire(&self) -> Result<Wire, AdminError> {

@@ -11,9 +11,10 @@
 mod admin;
 mod config;
 mod observe;
+pub mod records;
 mod wire;
 
 pub use admin::{Admin, AdminError, ClusterInfo, TopicState};
 pub use config::{ConfigError, Credentials, Role, SecretPurpose, client_config, secret_selectors};
 pub use observe::{Cause, Failure, Observer, Throttle, ThrottleReport};
-pub use wire::{Wire, WireError};
+pub use wire::{CommittedRange, Wire, WireError};

@@ -1,10 +1,11 @@
-//! The admin requests librdkafka does not offer to Rust — IncrementalAlterConfigs, and a
-//! topic's id from Metadata — spoken over Kafka's wire protocol (the `kafka-protocol`
-//! crate's messages) on a connection of its own, made from the same librdkafka properties
+//! The admin requests librdkafka does not offer to Rust — IncrementalAlterConfigs, a
+//! topic's id from Metadata, and a `read_committed` Fetch whose record batches are counted
+//! (not delivered) for the lag reader — spoken over Kafka's wire protocol (the
+//! `kafka-protocol` crate's messages) on a connection of its own, made from the same librdkafka properties
 //! [`client_config`](super::client_config) gives every other client: plaintext or TLS
 //! (a CA, or the system's roots; mutual TLS with a client certificate and key), SASL
-//! PLAIN or SCRAM-SHA-256/512. The connection lasts one call; the operator makes these
-//! calls only when a topic changes.
+//! PLAIN or SCRAM-SHA-256/512. The connection lasts one call; the operator alters configs
+//! only when a topic changes, and counts records only on partitions with a small lag.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,14 +13,16 @@ use std::time::Duration;
 
 use bytes::{Buf as _, BufMut as _, BytesMut};
 use hmac::{KeyInit as _, Mac as _};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::incremental_alter_configs_request::{
     AlterConfigsResource, AlterableConfig,
 };
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{
-    ApiKey, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse, MetadataRequest,
-    MetadataResponse, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
-    SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse, TopicName,
+    ApiKey, FetchRequest, FetchResponse, IncrementalAlterConfigsRequest,
+    IncrementalAlterConfigsResponse, MetadataRequest, MetadataResponse, RequestHeader,
+    ResponseHeader, SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
+    SaslHandshakeResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use rdkafka::ClientConfig;
@@ -32,6 +35,13 @@ use tokio::net::TcpStream;
 /// 2.4, Metadata 12 — topic ids by name — since 3.1) up to 4.x.
 const METADATA_VERSION: i16 = 12;
 const ALTER_VERSION: i16 = 1;
+/// Fetch 12 is the last that names topics (13 and later take topic ids); Kafka 2.7 to 4.x
+/// speak it.
+const FETCH_VERSION: i16 = 12;
+/// `read_committed`: up to the last stable offset, with the aborted transactions listed.
+const READ_COMMITTED: i8 = 1;
+/// The most one Fetch answer may carry (the connection refuses answers above 64 MiB).
+const FETCH_MAX_BYTES: i32 = 16 << 20;
 const SASL_HANDSHAKE_VERSION: i16 = 1;
 const SASL_AUTHENTICATE_VERSION: i16 = 2;
 
@@ -39,6 +49,16 @@ const SASL_AUTHENTICATE_VERSION: i16 = 2;
 const TOPIC_RESOURCE: i8 = 2;
 const SET: i8 = 0;
 const DELETE: i8 = 1;
+
+/// A partition's log range `[from, until)` whose records a `read_committed` consumer
+/// would receive are to be counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedRange {
+    pub topic: String,
+    pub partition: i32,
+    pub from: i64,
+    pub until: i64,
+}
 
 /// Why a wire request failed. Messages name the broker and the cause, never a secret.
 #[derive(Debug, thiserror::Error)]
@@ -372,6 +392,95 @@ impl Wire {
         Ok(())
     }
 
+    /// For each range, the records a `read_committed` consumer positioned at `from` would
+    /// receive before `until` (data records; no transaction markers, no records of aborted
+    /// transactions), read with one Fetch per partition leader of at most
+    /// `partition_bytes` per partition. A partition is left out of the answer when its
+    /// leader cannot be reached or refuses (the caller counts offsets for it instead); the
+    /// count may stop short of `until` ([`Counted::reached`](super::records::Counted)).
+    pub async fn count_committed(
+        &self,
+        ranges: &[CommittedRange],
+        partition_bytes: i32,
+    ) -> Result<BTreeMap<(String, i32), super::records::Counted>, WireError> {
+        const OPERATION: &str = "counting the records a read_committed consumer receives";
+        if ranges.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let work = async {
+            let mut topics: Vec<&str> = ranges.iter().map(|r| r.topic.as_str()).collect();
+            topics.sort_unstable();
+            topics.dedup();
+            let request = MetadataRequest::default()
+                .with_topics(Some(
+                    topics
+                        .iter()
+                        .map(|t| {
+                            MetadataRequestTopic::default()
+                                .with_name(Some(TopicName(StrBytes::from_string((*t).to_owned()))))
+                        })
+                        .collect(),
+                ))
+                .with_allow_auto_topic_creation(false);
+            let metadata: MetadataResponse = self
+                .connect()
+                .await?
+                .request(OPERATION, ApiKey::Metadata, METADATA_VERSION, &request)
+                .await?;
+            let brokers: BTreeMap<i32, String> = metadata
+                .brokers
+                .iter()
+                .map(|b| (b.node_id.0, format!("{}:{}", b.host, b.port)))
+                .collect();
+            let mut leaders: BTreeMap<(String, i32), i32> = BTreeMap::new();
+            for topic in &metadata.topics {
+                let Some(name) = topic.name.as_ref().filter(|_| topic.error_code == 0) else {
+                    continue;
+                };
+                for p in topic.partitions.iter().filter(|p| p.error_code == 0) {
+                    leaders.insert((name.0.to_string(), p.partition_index), p.leader_id.0);
+                }
+            }
+            let mut by_leader: BTreeMap<i32, Vec<&CommittedRange>> = BTreeMap::new();
+            for range in ranges {
+                if let Some(leader) = leaders.get(&(range.topic.clone(), range.partition)) {
+                    by_leader.entry(*leader).or_default().push(range);
+                }
+            }
+            let partition_bytes = partition_bytes.clamp(1, FETCH_MAX_BYTES);
+            let per_request = usize::try_from(FETCH_MAX_BYTES / partition_bytes)
+                .unwrap_or(1)
+                .max(1);
+            let mut counted = BTreeMap::new();
+            for (leader, ranges) in by_leader {
+                let Some(address) = brokers.get(&leader) else {
+                    continue;
+                };
+                let Ok(mut connection) = self.connect_to(address).await? else {
+                    continue;
+                };
+                for chunk in ranges.chunks(per_request) {
+                    let answer = connection
+                        .request(
+                            OPERATION,
+                            ApiKey::Fetch,
+                            FETCH_VERSION,
+                            &fetch_request(chunk, partition_bytes),
+                        )
+                        .await?;
+                    counted.extend(count_answer(chunk, &answer));
+                }
+            }
+            Ok(counted)
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| WireError::Timeout {
+                operation: OPERATION,
+                timeout: self.timeout,
+            })?
+    }
+
     async fn call<Req: Encodable, Resp: Decodable>(
         &self,
         operation: &'static str,
@@ -394,47 +503,115 @@ impl Wire {
     async fn connect(&self) -> Result<Connection, WireError> {
         let mut last = String::new();
         for server in &self.settings.servers {
-            let tcp = match TcpStream::connect(server.as_str()).await {
-                Ok(tcp) => tcp,
-                Err(e) => {
-                    last = format!("{server}: {e}");
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let stream: Box<dyn Stream> = match &self.settings.tls {
-                None => Box::new(tcp),
-                Some(tls) => {
-                    let host = server.rsplit_once(':').map_or(server.as_str(), |(h, _)| h);
-                    let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-                        .map_err(|e| WireError::Settings(format!("{server}: {e}")))?;
-                    let connector = tokio_rustls::TlsConnector::from(tls.clone());
-                    match connector.connect(name, tcp).await {
-                        Ok(stream) => Box::new(stream),
-                        Err(e) => {
-                            return Err(WireError::Tls {
-                                server: server.clone(),
-                                detail: e.to_string(),
-                            });
-                        }
-                    }
-                }
-            };
-            let mut connection = Connection {
-                stream,
-                client_id: StrBytes::from_string(self.settings.client_id.clone()),
-                correlation: 0,
-            };
-            if let Some(sasl) = &self.settings.sasl {
-                connection.authenticate(server, sasl).await?;
+            match self.connect_to(server).await? {
+                Ok(connection) => return Ok(connection),
+                Err(unreachable) => last = unreachable,
             }
-            return Ok(connection);
         }
         Err(WireError::Unreachable {
             servers: self.settings.servers.join(","),
             detail: last,
         })
     }
+
+    /// A connection to `server` (host:port), authenticated; the inner error says why the
+    /// server could not be reached (the caller may try another).
+    async fn connect_to(&self, server: &str) -> Result<Result<Connection, String>, WireError> {
+        let tcp = match TcpStream::connect(server).await {
+            Ok(tcp) => tcp,
+            Err(e) => return Ok(Err(format!("{server}: {e}"))),
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream: Box<dyn Stream> = match &self.settings.tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+                let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                    .map_err(|e| WireError::Settings(format!("{server}: {e}")))?;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                match connector.connect(name, tcp).await {
+                    Ok(stream) => Box::new(stream),
+                    Err(e) => {
+                        return Err(WireError::Tls {
+                            server: server.to_owned(),
+                            detail: e.to_string(),
+                        });
+                    }
+                }
+            }
+        };
+        let mut connection = Connection {
+            stream,
+            client_id: StrBytes::from_string(self.settings.client_id.clone()),
+            correlation: 0,
+        };
+        if let Some(sasl) = &self.settings.sasl {
+            connection.authenticate(server, sasl).await?;
+        }
+        Ok(Ok(connection))
+    }
+}
+
+/// A sessionless `read_committed` Fetch of `ranges` that answers at once with what is there.
+fn fetch_request(ranges: &[&CommittedRange], partition_bytes: i32) -> FetchRequest {
+    let mut topics: BTreeMap<&str, Vec<FetchPartition>> = BTreeMap::new();
+    for range in ranges {
+        topics.entry(&range.topic).or_default().push(
+            FetchPartition::default()
+                .with_partition(range.partition)
+                .with_fetch_offset(range.from)
+                .with_partition_max_bytes(partition_bytes),
+        );
+    }
+    FetchRequest::default()
+        .with_max_wait_ms(0)
+        .with_min_bytes(0)
+        .with_max_bytes(FETCH_MAX_BYTES)
+        .with_isolation_level(READ_COMMITTED)
+        .with_topics(
+            topics
+                .into_iter()
+                .map(|(topic, partitions)| {
+                    FetchTopic::default()
+                        .with_topic(TopicName(StrBytes::from_string(topic.to_owned())))
+                        .with_partitions(partitions)
+                })
+                .collect(),
+        )
+}
+
+/// The counts of a Fetch answer's partitions that answered without an error.
+fn count_answer(
+    ranges: &[&CommittedRange],
+    answer: &FetchResponse,
+) -> Vec<((String, i32), super::records::Counted)> {
+    let mut out = Vec::new();
+    if answer.error_code != 0 {
+        return out;
+    }
+    for topic in &answer.responses {
+        for partition in topic.partitions.iter().filter(|p| p.error_code == 0) {
+            let Some(range) = ranges.iter().find(|r| {
+                r.topic == topic.topic.0.as_str() && r.partition == partition.partition_index
+            }) else {
+                continue;
+            };
+            let aborted: Vec<super::records::Aborted> = partition
+                .aborted_transactions
+                .iter()
+                .flatten()
+                .map(|a| super::records::Aborted {
+                    producer_id: a.producer_id.0,
+                    first_offset: a.first_offset,
+                })
+                .collect();
+            let bytes = partition.records.as_deref().unwrap_or_default();
+            if let Some(counted) = super::records::count(bytes, &aborted, range.from, range.until) {
+                out.push(((range.topic.clone(), range.partition), counted));
+            }
+        }
+    }
+    out
 }
 
 impl Connection {
