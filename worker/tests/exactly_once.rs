@@ -168,6 +168,48 @@ async fn postgres_exactly_once_sigkill_at_20_random_moments_applies_every_event_
     Ok(())
 }
 
+/// A worker restarted where its predecessor stopped: the first record it receives triggers
+/// the claim and the seek to the offset stored with the data, which rewinds the fetch past
+/// that record; in batches of one record, the copy read again is a batch of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_exactly_once_restart_writes_the_record_that_triggered_the_claim_once()
+-> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    let topic = kafka.create_topic("eo-restart", 1, &[]).await?;
+    let db = TestDatabase::create().await?;
+    sqlx::query("CREATE TABLE events (id bigint, src_partition integer, src_offset bigint)")
+        .execute(&db.pool)
+        .await?;
+    let doc = insert_pipeline(
+        "eo-restart",
+        &topic,
+        json!({"batch": {"maxRecords": 1, "maxWait": "20ms"}}),
+    );
+    let dir = tempfile::tempdir()?;
+    for (run, range) in [(0, 0..20), (1, 20..40)] {
+        produce(&kafka, &topic, &events(range.clone())).await?;
+        let mut worker = start_with_args(dir.path(), &kafka, &doc, &[("DB", &db.url)], &[])?;
+        let (k, t) = (kafka.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            wait_until("the group's offsets to follow the data", DEADLINE, || {
+                Ok(
+                    (committed_total(&k, "test.eo-restart", &t).unwrap_or(0) >= range.end)
+                        .then_some(()),
+                )
+            })
+        })
+        .await?
+        .with_context(|| format!("run {run}: {}", worker.log_text()))?;
+        worker.stop()?;
+    }
+    let (total, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT (src_partition, src_offset)) FROM events")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!((total, distinct), (40, 40), "every record written once");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_exactly_once_zombie_that_lost_its_partitions_commits_nothing()
 -> anyhow::Result<()> {
