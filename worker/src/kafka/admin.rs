@@ -326,7 +326,28 @@ impl Admin {
                 for (topic, partition) in &partitions {
                     list.add_partition(topic, *partition);
                 }
-                let committed = consumer.committed_offsets(list, timeout)?;
+                // A new consumer's first OffsetFetch can meet a coordinator still being
+                // found or loaded (NotCoordinator, CoordinatorLoadInProgress on a busy
+                // broker): asked again, within the timeout.
+                let deadline = Instant::now() + timeout;
+                let committed = loop {
+                    match consumer.committed_offsets(list.clone(), timeout) {
+                        Err(e)
+                            if Instant::now() < deadline
+                                && matches!(
+                                    e.rdkafka_error_code(),
+                                    Some(
+                                        RDKafkaErrorCode::NotCoordinator
+                                            | RDKafkaErrorCode::CoordinatorLoadInProgress
+                                            | RDKafkaErrorCode::CoordinatorNotAvailable
+                                    )
+                                ) =>
+                        {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        result => break result?,
+                    }
+                };
                 committed
                     .elements()
                     .iter()
