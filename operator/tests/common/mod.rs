@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod kubelet;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
