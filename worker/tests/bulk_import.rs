@@ -11,14 +11,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 
 use anyhow::Context;
-use common::{DEADLINE, Worker, produce, read_topic, wait_committed};
+use common::{DEADLINE, Worker, kafka, produce, read_topic, wait_committed};
 use redis::AsyncCommands as _;
 use serde_json::{Value, json};
 use weir_testkit::{RedisServer, TestDatabase, TestKafka};
-
-async fn kafka() -> anyhow::Result<TestKafka> {
-    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
-}
 
 /// The user-import pipeline exactly as shipped in examples/, pointed at this test's topics.
 /// Its Secrets are read from the variables a pod would get (`WEIR_SECRET_<NAME>_<KEY>`).

@@ -8,26 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::{
-    DEADLINE, committed_total, pipeline, produce, read_topic, start_with_args, wait_until,
-    wake_zombie,
+    DEADLINE, committed_total, events, kafka, pipeline, produce, read_topic, start_with_args,
+    wait_until, wake_zombie,
 };
 use serde_json::{Value, json};
-use weir_testkit::{TestDatabase, TestKafka, TestMySqlDatabase};
-
-async fn kafka() -> anyhow::Result<TestKafka> {
-    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
-}
-
-fn events(range: std::ops::Range<i64>) -> Vec<(String, Vec<u8>)> {
-    range
-        .map(|id| {
-            (
-                (id % 97).to_string(),
-                format!("{{\"id\": {id}}}").into_bytes(),
-            )
-        })
-        .collect()
-}
+use weir_testkit::{TestDatabase, TestMySqlDatabase};
 
 /// Inserts every event with its source position; no idempotency key. `extra` is merged
 /// into the spec.

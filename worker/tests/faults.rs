@@ -8,26 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::{
-    DEADLINE, committed_total, pipeline, produce, start_documents, start_with_args,
+    DEADLINE, committed_total, events, kafka, pipeline, produce, start_documents, start_with_args,
     wait_committed_async, wait_until,
 };
 use serde_json::{Value, json};
 use weir_testkit::{PostgresServer, TestDatabase, TestKafka, TestMySqlDatabase};
-
-async fn kafka() -> anyhow::Result<TestKafka> {
-    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
-}
-
-fn events(range: std::ops::Range<i64>) -> Vec<(String, Vec<u8>)> {
-    range
-        .map(|id| {
-            (
-                (id % 97).to_string(),
-                format!("{{\"id\": {id}}}").into_bytes(),
-            )
-        })
-        .collect()
-}
 
 /// Inserts into a table whose primary key refuses a second copy of any event; without a
 /// dead-letter topic a refused record stops the worker, so a doubled event fails the test.

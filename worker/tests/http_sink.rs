@@ -14,16 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::{DEADLINE, Worker, pipeline, produce, read_topic, wait_committed_async, wait_until};
+use common::{
+    DEADLINE, Worker, kafka, pipeline, produce, read_topic, wait_committed_async, wait_until,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use weir_testkit::TestKafka;
-
-async fn kafka() -> anyhow::Result<TestKafka> {
-    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
-}
 
 /// One request the receiver read, with the status it answered.
 #[derive(Clone, Debug)]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use common::{
-    DEADLINE, committed_total, pipeline, produce, start_with_args, wait_committed_async,
-    wait_until, wake_zombie,
+    DEADLINE, committed_total, events, kafka, pipeline, produce, start_with_args,
+    wait_committed_async, wait_until, wake_zombie,
 };
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -19,22 +19,7 @@ use rdkafka::message::Headers;
 use serde_json::{Value, json};
 use weir_testkit::{TestKafka, unique_name};
 
-async fn kafka() -> anyhow::Result<TestKafka> {
-    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
-}
-
 /// `(key, {"id": id})`, keys `id % 97`: each key's ids increase in produce order.
-fn events(range: std::ops::Range<i64>) -> Vec<(String, Vec<u8>)> {
-    range
-        .map(|id| {
-            (
-                (id % 97).to_string(),
-                format!("{{\"id\": {id}}}").into_bytes(),
-            )
-        })
-        .collect()
-}
-
 /// One record read back.
 #[derive(Debug)]
 struct Out {

@@ -7,14 +7,11 @@ use std::collections::{BTreeMap, HashSet};
 
 use anyhow::Context;
 use common::{
-    DEADLINE, Worker, committed_total, pipeline, produce, read_topic, wait_committed, wait_until,
+    DEADLINE, Worker, committed_total, kafka, pipeline, produce, read_topic, wait_committed,
+    wait_until,
 };
 use serde_json::{Value, json};
-use weir_testkit::{TestDatabase, TestKafka};
-
-async fn kafka() -> anyhow::Result<TestKafka> {
-    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
-}
+use weir_testkit::TestDatabase;
 
 /// The todo-projection pipeline exactly as shipped in examples/, pointed at test names.
 fn todo_pipeline(topic: &str, dead_letter: &str) -> anyhow::Result<Value> {

@@ -19,6 +19,24 @@ use weir_testkit::{TestKafka, free_port, unique_name};
 
 pub const DEADLINE: Duration = Duration::from_secs(90);
 
+/// The run's shared broker (started on first use), from async tests.
+pub async fn kafka() -> anyhow::Result<TestKafka> {
+    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
+}
+
+/// Events `{"id": n}` for each `n` of `range`, keyed `n % 97` (97 keys, so per-key order
+/// is checked across many keys).
+pub fn events(range: std::ops::Range<i64>) -> Vec<(String, Vec<u8>)> {
+    range
+        .map(|id| {
+            (
+                (id % 97).to_string(),
+                format!("{{\"id\": {id}}}").into_bytes(),
+            )
+        })
+        .collect()
+}
+
 /// A worker process. Killed when dropped.
 pub struct Worker {
     child: Child,
