@@ -331,20 +331,21 @@ async fn a_pipeline_the_worker_cannot_run_gets_a_reason_and_no_deployment() -> a
     })
     .await?;
 
-    // A mode this version cannot run is refused by validate(), with its path.
+    // What the worker cannot do is refused by validate(), with its path: a kafka sink
+    // cannot be truncated.
     cluster
         .apply_yaml(
             &ns,
             &pipeline_yaml(500, "event.total > 0").replace(
                 "  batch: {maxRecords: 500}\n",
-                "  batch: {maxRecords: 500}\n  replay: {token: t1, to: Earliest, truncateSinks: true}\n",
+                "    - kafka: {topic: orders-copy}\n  batch: {maxRecords: 500}\n  replay: {token: t1, to: Earliest, truncateSinks: true}\n",
             ),
         )
         .await?;
     let (_, _, message) = eventually("InvalidSpec", reason_of("InvalidSpec")).await?;
     assert!(
         message.contains("spec.replay.truncateSinks")
-            && message.contains("not available in this version"),
+            && message.contains("the kafka sink spec.sinks[1] cannot be truncated"),
         "{message}"
     );
     operator.stop().await

@@ -239,3 +239,66 @@ fn a_name_too_long_for_its_objects_is_refused_with_the_field() -> anyhow::Result
     );
     Ok(())
 }
+
+/// The worker's environment of `pipeline`'s Deployment, as name → literal value.
+fn worker_env(
+    pipeline: &EventPipeline,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let rendered = render(pipeline, None, &config())?;
+    let container = rendered
+        .deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.containers.into_iter().next())
+        .ok_or_else(|| anyhow::anyhow!("no container"))?;
+    Ok(container
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| Some((v.name, v.value?)))
+        .collect())
+}
+
+#[test]
+fn the_replay_token_reaches_the_workers_only_once_the_group_was_reset() -> anyhow::Result<()> {
+    let (_, mut pipeline) = examples()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no example"))?;
+    pipeline.spec.replay = Some(weir_crds::Replay {
+        token: "rebuild-2".into(),
+        to: weir_crds::ReplayTarget::Earliest,
+        timestamp: None,
+        offsets: vec![],
+        truncate_sinks: true,
+    });
+    let done = |token: &str, error: Option<&str>| weir_crds::EventPipelineStatus {
+        last_replay: Some(weir_crds::ReplayStatus {
+            token: token.into(),
+            completed_at: "2026-12-01T12:00:00Z".into(),
+            truncated: error.is_none(),
+            error: error.map(str::to_owned),
+        }),
+        ..Default::default()
+    };
+    // Pending (an older token recorded): not yet.
+    pipeline.status = Some(done("rebuild-1", None));
+    let env = worker_env(&pipeline)?;
+    assert!(!env.contains_key("WEIR_REPLAY_TOKEN"), "{env:?}");
+    // Failed: the group was not reset, nothing to carry out.
+    pipeline.status = Some(done("rebuild-2", Some("cannot reset")));
+    let env = worker_env(&pipeline)?;
+    assert!(!env.contains_key("WEIR_REPLAY_TOKEN"), "{env:?}");
+    // Reset: the token and the truncation, and they stay for every later start.
+    pipeline.status = Some(done("rebuild-2", None));
+    let env = worker_env(&pipeline)?;
+    assert_eq!(
+        env.get("WEIR_REPLAY_TOKEN").map(String::as_str),
+        Some("rebuild-2")
+    );
+    assert_eq!(
+        env.get("WEIR_REPLAY_TRUNCATE").map(String::as_str),
+        Some("true")
+    );
+    Ok(())
+}

@@ -91,17 +91,37 @@ async fn a_replay_resets_the_group_once_per_token() -> anyhow::Result<()> {
         (Some(&0), Some(&0)),
         "{committed:?}"
     );
-    // The workers come back.
+    assert!(
+        !replayed.truncated,
+        "truncateSinks was not asked: {replayed:?}"
+    );
+    // The workers come back, with the token to carry out in the sinks (no truncation).
     let deployments: Api<Deployment> = Api::namespaced(cluster.admin.clone(), &ns);
-    eventually("the workers back", || async {
+    let deployment = eventually("the workers back", || async {
         Ok(deployments
             .get("todo-projection-worker")
             .await?
             .spec
-            .and_then(|s| s.replicas)
-            .filter(|r| *r >= 1))
+            .filter(|s| s.replicas.is_some_and(|r| r >= 1)))
     })
     .await?;
+    let env: Vec<(String, Option<String>)> = deployment
+        .template
+        .spec
+        .iter()
+        .flat_map(|p| &p.containers)
+        .flat_map(|c| c.env.iter().flatten())
+        .map(|v| (v.name.clone(), v.value.clone()))
+        .collect();
+    for (name, value) in [
+        ("WEIR_REPLAY_TOKEN", "rebuild-1"),
+        ("WEIR_REPLAY_TRUNCATE", "false"),
+    ] {
+        assert!(
+            env.contains(&(name.to_owned(), Some(value.to_owned()))),
+            "{name}={value} not in {env:?}"
+        );
+    }
 
     // The group reads to the end again; the same YAML applied again does nothing.
     commit_to_end(&kafka, &topic, &group, &[20, 20])?;

@@ -12,6 +12,7 @@ use weir_crds::{
 };
 
 use crate::kafka::{Credentials, Role};
+use crate::sink::Replay;
 
 /// Settings from the command line or environment that override the file.
 #[derive(Clone, Debug, Default)]
@@ -23,6 +24,8 @@ pub struct Overrides {
     pub transform_threads: Option<usize>,
     /// The EventPipeline to run when the file holds several.
     pub pipeline: Option<String>,
+    /// A replay to carry out in the sinks before consuming (the group was reset).
+    pub replay: Option<Replay>,
 }
 
 /// A pipeline ready to run.
@@ -41,6 +44,10 @@ pub struct WorkerConfig {
     pub instance_id: Option<String>,
     /// Records decoded and transformed at once, one thread each.
     pub transform_threads: usize,
+    /// A replay to carry out in the sinks before consuming: the consumer group was reset
+    /// (by the operator's `spec.replay`, or by hand), and the first worker to start with
+    /// this token makes the sinks forget their kept offsets and keys, truncating when asked.
+    pub replay: Option<Replay>,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -198,12 +205,38 @@ pub fn check(path: &Path, pipeline: &Manifest<EventPipelineSpec>) -> Result<(), 
     Ok(())
 }
 
+/// A replay that truncates needs sinks that can be emptied (the check `validate()` makes
+/// of `spec.replay.truncateSinks`).
+fn check_truncatable(
+    path: &Path,
+    pipeline: &Manifest<EventPipelineSpec>,
+    token: &str,
+) -> Result<(), ConfigError> {
+    for (i, sink) in pipeline.spec.sinks.iter().enumerate() {
+        for kind in sink.kinds() {
+            if let Some(why) = weir_crds::untruncatable(kind) {
+                return Err(ConfigError::Unusable {
+                    path: path.to_owned(),
+                    message: format!(
+                        "EventPipeline {:?}: replay {token} asks to truncate the sinks, but the {kind} sink spec.sinks[{i}] cannot be truncated: {why}",
+                        pipeline.metadata.name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads the pipeline file and resolves what running it needs: the pipeline `overrides`
 /// names (or the file's only one), checked as [`check`] does, and its KafkaConnection.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigError> {
     let file = read(path)?;
     let pipeline = file.pick(path, overrides.pipeline.as_deref())?;
     check(path, pipeline)?;
+    if let Some(replay) = overrides.replay.as_ref().filter(|r| r.truncate) {
+        check_truncatable(path, pipeline, &replay.token)?;
+    }
     let connection = file.connection_of(&pipeline.spec);
     if let Some(connection) = connection {
         connection
@@ -249,6 +282,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
         transform_threads: overrides
             .transform_threads
             .unwrap_or_else(crate::shards::default_threads),
+        replay: overrides.replay.clone(),
     })
 }
 

@@ -195,6 +195,9 @@ impl Engine {
     pub async fn run(mut self) -> Result<(), EngineError> {
         if let Some(writer) = &self.writer {
             writer.prepare_sinks().await?;
+            if let Some(replay) = &self.config.replay {
+                writer.replay(replay).await?;
+            }
         }
         self.metrics.set_ready(true);
         tracing::info!(
@@ -555,6 +558,34 @@ impl Writer {
                     sink: slot.name.clone(),
                     message: e.message,
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out a replay in every sink, waiting out outages; before any record is read.
+    async fn replay(&self, replay: &crate::sink::Replay) -> Result<(), EngineError> {
+        for slot in &self.sinks {
+            let tried = self
+                .retrier
+                .run(&slot.name, Limit::Succeeded, || slot.sink.replay(replay))
+                .await
+                .map_err(|e| stopped(&slot.name, e))?;
+            match tried.outcome {
+                Ok(crate::sink::Replayed::Applied { truncated }) => {
+                    Metrics::add(&self.metrics.replays, 1);
+                    tracing::info!(sink = %slot.name, token = %replay.token, ?truncated, "replay carried out: kept offsets and idempotency keys forgotten, the tables listed truncated");
+                }
+                Ok(crate::sink::Replayed::Already) => {
+                    tracing::info!(sink = %slot.name, token = %replay.token, "replay already carried out; nothing to do");
+                }
+                Ok(crate::sink::Replayed::Nothing) => {}
+                Err(e) => {
+                    return Err(EngineError::Fatal {
+                        sink: slot.name.clone(),
+                        message: e.message,
+                    });
+                }
             }
         }
         Ok(())

@@ -61,6 +61,16 @@ enum Command {
         /// `weir-worker produce --bootstrap-servers <it>` can feed it.
         #[arg(long, conflicts_with = "bootstrap_servers")]
         embedded_broker: bool,
+        /// Carry out this replay in the sinks before consuming, once per token across all
+        /// workers: the consumer group was reset (the operator sets this after a
+        /// `spec.replay`; by hand, reset the group first), so the SQL sinks forget the
+        /// offsets they keep (ExactlyOnce) and the idempotency keys, and the events from the
+        /// reset position are applied again. A token already carried out does nothing.
+        #[arg(long, env = "WEIR_REPLAY_TOKEN", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        replay_token: Option<String>,
+        /// With --replay-token: empty the SQL sinks' tables too, in the same transaction.
+        #[arg(long, env = "WEIR_REPLAY_TRUNCATE", requires = "replay_token", action = clap::ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+        replay_truncate: bool,
     },
     /// Load events into a topic from a JSON Lines or CSV file (CSV: the header row names
     /// the fields).
@@ -129,6 +139,8 @@ fn main() -> ExitCode {
             metrics_addr,
             log_format,
             embedded_broker,
+            replay_token,
+            replay_truncate,
         } => {
             let status = cli::status::line();
             init_logs(&log_format, "info,rdkafka=warn,sqlx=warn", status.clone());
@@ -138,6 +150,10 @@ fn main() -> ExitCode {
                 instance_id,
                 transform_threads: transform_threads.map(usize::from),
                 pipeline,
+                replay: replay_token.map(|token| weir_worker::sink::Replay {
+                    token,
+                    truncate: replay_truncate,
+                }),
             };
             runtime.block_on(run(file, overrides, metrics_addr, embedded_broker, status))
         }

@@ -90,6 +90,8 @@ pub struct Metrics {
     pub dead_lettered: AtomicU64,
     pub retries: AtomicU64,
     pub commits: AtomicU64,
+    /// Replays this worker carried out in a sink (`--replay-token`; once per token and sink).
+    pub replays: AtomicU64,
     batch_size: Histogram,
     batch_latency: Histogram,
     ready: AtomicBool,
@@ -114,6 +116,7 @@ impl Metrics {
             dead_lettered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             commits: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
             batch_size: Histogram::new(&SIZE_BUCKETS),
             batch_latency: Histogram::new(&LATENCY_BUCKETS),
             ready: AtomicBool::new(false),
@@ -236,6 +239,11 @@ impl Metrics {
                 "weir_offsets_stored_total",
                 "Batches whose offsets were stored for commit.",
                 &self.commits,
+            ),
+            (
+                "weir_replays_applied_total",
+                "Replays this worker carried out in a sink (kept offsets and keys forgotten, tables truncated when asked); a replay another worker carried out first is not counted.",
+                &self.replays,
             ),
         ] {
             let _ = writeln!(

@@ -12,6 +12,26 @@ pub const RUNNABLE_SINKS: &[&str] = &[
     "postgres", "mysql", "sqlite", "redis", "mongodb", "http", "kafka",
 ];
 
+/// Why a sink of `kind` cannot be emptied by `spec.replay.truncateSinks` (`None`: it can).
+/// The worker empties the SQL sinks' tables itself, in one transaction with the replay's
+/// record, before it writes anything.
+pub fn untruncatable(kind: &str) -> Option<&'static str> {
+    match kind {
+        "postgres" | "mysql" | "sqlite" => None,
+        "mongodb" => {
+            Some("emptying a MongoDB collection on replay is not available in this version yet")
+        }
+        "redis" => Some(
+            "Weir cannot tell the keys it wrote from the other keys in the database (the replay overwrites the keys it sets anyway)",
+        ),
+        "http" => Some("Weir cannot empty what an HTTP endpoint stored"),
+        "kafka" => Some(
+            "records cannot be deleted from a Kafka topic (use a new topic, or one with cleanup.policy compact)",
+        ),
+        _ => Some("this sink kind is not known to this version"),
+    }
+}
+
 impl EventPipelineSpec {
     pub(super) fn check_capabilities(&self, spec: &mut Collector<'_>) {
         for (i, sink) in self.sinks.iter().enumerate() {
@@ -41,10 +61,24 @@ impl EventPipelineSpec {
             self.check_exactly_once(spec);
         }
         if self.replay.as_ref().is_some_and(|r| r.truncate_sinks) {
-            spec.at("replay").field_error(
-                "truncateSinks",
-                "truncating the sinks is not available in this version yet: set it to false and empty the tables yourself while the replay holds the workers at zero (a replay with a new token resets the group)",
-            );
+            for (i, sink) in self.sinks.iter().enumerate() {
+                for kind in sink.kinds() {
+                    let Some(why) = untruncatable(kind) else {
+                        continue;
+                    };
+                    let named = sink
+                        .name
+                        .as_ref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default();
+                    spec.at("replay").field_error(
+                        "truncateSinks",
+                        format!(
+                            "the {kind} sink spec.sinks[{i}]{named} cannot be truncated: {why}. Set truncateSinks to false and empty it yourself while the workers are held at zero (kubectl scale eventpipeline --replicas 0, empty it, apply the replay, then remove spec.replicas)"
+                        ),
+                    );
+                }
+            }
         }
         if self.idempotency.is_some()
             && !self.sinks.iter().any(|s| {
@@ -153,22 +187,57 @@ mod tests {
     }
 
     #[test]
-    fn modes_not_built_are_refused_with_their_path_and_what_to_use() {
-        let s = spec(serde_json::json!({
-            "replay": {"token": "t1", "to": "Earliest", "truncateSinks": true},
-        }));
-        let problems = s.validate().expect_err("refused");
-        let path = "spec.replay.truncateSinks";
-        let problem = problems
-            .iter()
-            .find(|p| p.path == path)
-            .unwrap_or_else(|| panic!("{path} not refused: {problems}"));
-        assert!(
-            problem
-                .message
-                .contains("not available in this version yet"),
-            "{problem}"
-        );
+    fn truncating_sql_sinks_on_replay_is_accepted() {
+        let truncate = serde_json::json!({"token": "t1", "to": "Earliest", "truncateSinks": true});
+        let s = spec(serde_json::json!({"replay": truncate}));
+        assert_eq!(paths(&s), Vec::<String>::new());
+        let s = spec(serde_json::json!({"replay": truncate, "sinks": [
+            {"mysql": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}},
+            {"sqlite": {"url": "sqlite:///x.db", "table": "t", "columns": [{"name": "a", "type": "text"}]}}
+        ]}));
+        assert_eq!(paths(&s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn truncating_a_sink_that_cannot_be_emptied_is_refused_naming_the_field_and_the_sink() {
+        for (sink, kind) in [
+            (
+                serde_json::json!({"redis": {"urlFrom": {"env": "R"}, "key": "event.id"}}),
+                "redis",
+            ),
+            (serde_json::json!({"http": {"url": "http://x"}}), "http"),
+            (serde_json::json!({"kafka": {"topic": "out"}}), "kafka"),
+            (
+                serde_json::json!({"mongodb": {"urlFrom": {"env": "M"}, "database": "d", "collection": "c"}}),
+                "mongodb",
+            ),
+        ] {
+            let s = spec(serde_json::json!({
+                "replay": {"token": "t1", "to": "Earliest", "truncateSinks": true},
+                "sinks": [
+                    {"postgres": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}},
+                    sink
+                ]
+            }));
+            let problems = s.validate().expect_err("refused");
+            let refused: Vec<_> = problems
+                .iter()
+                .filter(|p| p.path == "spec.replay.truncateSinks")
+                .collect();
+            assert_eq!(refused.len(), 1, "{kind}: {problems}");
+            let message = &refused[0].message;
+            assert!(
+                message.contains(&format!("the {kind} sink spec.sinks[1]")),
+                "{message}"
+            );
+            assert!(message.contains("Set truncateSinks to false"), "{message}");
+            // Without truncation the same replay runs.
+            let mut kept = s.clone();
+            if let Some(replay) = kept.replay.as_mut() {
+                replay.truncate_sinks = false;
+            }
+            assert_eq!(paths(&kept), Vec::<String>::new(), "{kind}");
+        }
     }
 
     #[test]

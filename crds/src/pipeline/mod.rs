@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use capabilities::RUNNABLE_SINKS;
+pub use capabilities::{RUNNABLE_SINKS, untruncatable};
 pub use sink::*;
 pub use status::*;
 pub use worker::*;
@@ -114,8 +114,11 @@ pub struct EventPipelineSpec {
     pub replicas: Option<i32>,
     /// A one-shot reset of the consumer group's offsets, carried out once per token: the
     /// workers are scaled to zero, the group (once it has no members) is reset, the token
-    /// is recorded in `status.lastReplay`, and the workers resume. Applying the same token
-    /// again does nothing.
+    /// is recorded in `status.lastReplay`, and the workers resume with the token. Before
+    /// they write anything, the first of them forgets, in each SQL sink's database, the
+    /// pipeline's idempotency keys and (with ExactlyOnce) the offsets stored with the rows,
+    /// so every replayed event is applied again; with `truncateSinks` it empties the tables
+    /// too. Applying the same token again does nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay: Option<Replay>,
     /// Overrides for the worker pods.
@@ -429,7 +432,11 @@ pub struct Replay {
     /// With `to: Offsets`, the offset of each partition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub offsets: Vec<PartitionOffset>,
-    /// Empty the sinks' tables first. Not available in this version: refused when true.
+    /// Empty the sinks' tables before the replayed events are written: the first worker to
+    /// start after the reset empties each postgres, mysql or sqlite table (every row, in one
+    /// transaction with the record of this token in the sink's database, so a restarted or
+    /// second worker does not empty it again). Refused with redis, http, kafka or mongodb
+    /// sinks, which cannot be emptied.
     #[serde(default)]
     pub truncate_sinks: bool,
 }

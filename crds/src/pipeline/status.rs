@@ -81,7 +81,9 @@ pub struct ReplayStatus {
     pub token: String,
     /// When the group was reset (RFC 3339).
     pub completed_at: String,
-    /// Whether the sinks were truncated.
+    /// Whether truncating the sinks was asked (`truncateSinks`) and the group was reset: the
+    /// first worker that starts with this token empties the tables before it writes
+    /// anything (its log says when). False when the replay failed.
     #[serde(default)]
     pub truncated: bool,
     /// Why the replay could not finish (the workers resumed; change the token to try

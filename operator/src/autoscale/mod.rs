@@ -13,8 +13,8 @@ use weir_crds::EventPipelineSpec;
 /// What the autoscaler remembers of one pipeline between its readings.
 #[derive(Debug)]
 pub struct PipelineState {
-    /// The replay token last carried out (the cache may not show its status yet).
-    pub replayed: Option<String>,
+    /// The replay last carried out (the cache may not show its status yet).
+    pub replayed: Option<weir_crds::ReplayStatus>,
     epoch: Instant,
     last: Option<lag::Reading>,
     memory: policy::Memory,

@@ -97,6 +97,7 @@ pub async fn run(database: &Path) -> anyhow::Result<()> {
         connection: "the embedded broker".to_owned(),
         instance_id: None,
         transform_threads: weir_worker::shards::default_threads(),
+        replay: None,
     };
     let engine = Engine::new(config, metrics.clone(), shutdown)?;
     let running = tokio::spawn(engine.run());

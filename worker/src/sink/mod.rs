@@ -66,6 +66,27 @@ impl SinkError {
     }
 }
 
+/// A replay to carry out in the sinks, once per token: the operator reset the consumer
+/// group, and the first worker to start with the token makes each sink forget what would
+/// stop the replayed events from being applied again (the offsets it keeps, the
+/// idempotency keys), emptying its table first when `truncate` was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replay {
+    pub token: String,
+    pub truncate: bool,
+}
+
+/// What [`Sink::replay`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Replayed {
+    /// This worker carried it out; `truncated` names the tables it emptied.
+    Applied { truncated: Vec<String> },
+    /// Carried out before (by another worker, or by this one before a restart).
+    Already,
+    /// The sink keeps nothing a replay must forget, and nothing was to be truncated.
+    Nothing,
+}
+
 /// A destination. The engine writes one batch at a time to it; a write either
 /// acknowledges the batch (some events possibly refused) or fails as a whole, and the
 /// engine retries it by its [`ErrorClass`]. A write may be repeated after a failure, so it
@@ -80,6 +101,24 @@ pub trait Sink: Send + Sync + fmt::Debug {
         &'a self,
         input: &'a [WriteInput<'a>],
     ) -> BoxFuture<'a, Result<Written, SinkError>>;
+
+    /// Carries out `replay` once per token across every worker of the pipeline, after
+    /// [`Sink::prepare`] and before any write: the first call records the token in the
+    /// destination in the same transaction as the forgetting (and the truncation), so a
+    /// concurrent or later call with the same token does nothing. Retried while the
+    /// destination is unavailable.
+    fn replay<'a>(&'a self, replay: &'a Replay) -> BoxFuture<'a, Result<Replayed, SinkError>> {
+        Box::pin(async move {
+            if replay.truncate {
+                Err(SinkError::new(
+                    ErrorClass::Fatal,
+                    "spec.replay.truncateSinks: this sink cannot be truncated",
+                ))
+            } else {
+                Ok(Replayed::Nothing)
+            }
+        })
+    }
 
     /// Releases connections; called once, after the last write.
     fn close(&self) -> BoxFuture<'_, ()>;
@@ -217,7 +256,7 @@ fn build_with(
                     postgres: Some(pg), ..
                 } => {
                     let url = url("postgres", &pg.url, &pg.url_from, &format!("{at}.postgres"))?;
-                    let table = postgres::build(pg, &url, idempotency.clone())?;
+                    let table = postgres::build(pg, &url, idempotency.clone())?.in_group(scope);
                     Box::new(match spec.delivery {
                         weir_crds::Delivery::ExactlyOnce => table.keeping_offsets(scope),
                         weir_crds::Delivery::AtLeastOnce => table,
@@ -227,7 +266,7 @@ fn build_with(
                     mysql: Some(my), ..
                 } => {
                     let url = url("mysql", &my.url, &my.url_from, &format!("{at}.mysql"))?;
-                    let table = mysql::build(my, &url, idempotency.clone())?;
+                    let table = mysql::build(my, &url, idempotency.clone())?.in_group(scope);
                     Box::new(match spec.delivery {
                         weir_crds::Delivery::ExactlyOnce => table.keeping_offsets(scope),
                         weir_crds::Delivery::AtLeastOnce => table,
@@ -237,7 +276,7 @@ fn build_with(
                     sqlite: Some(lite), ..
                 } => {
                     let url = url("sqlite", &lite.url, &lite.url_from, &format!("{at}.sqlite"))?;
-                    Box::new(sqlite::build(lite, &url, idempotency.clone())?)
+                    Box::new(sqlite::build(lite, &url, idempotency.clone())?.in_group(scope))
                 }
                 SinkSpec {
                     mongodb: Some(m), ..

@@ -44,6 +44,9 @@ pub const CONFIG_HASH_ANNOTATION: &str = "weir.dev/config-hash";
 /// Longest pipeline name whose derived names (`-worker-metrics`) fit Kubernetes' 63
 /// character limit.
 pub const MAX_NAME_LEN: usize = 63 - "-worker-metrics".len();
+/// The worker's environment variables naming the replay it carries out in the sinks.
+pub const REPLAY_TOKEN_ENV: &str = "WEIR_REPLAY_TOKEN";
+pub const REPLAY_TRUNCATE_ENV: &str = "WEIR_REPLAY_TRUNCATE";
 /// The non-root user the worker runs as.
 const WORKER_UID: i64 = 65532;
 
@@ -454,6 +457,15 @@ fn environment(
         literal("WEIR_METRICS_ADDR", &format!("0.0.0.0:{METRICS_PORT}")),
         literal("WEIR_LOG_FORMAT", "json"),
     ];
+    // Once the group was reset: the first worker to start carries out the replay in the
+    // sinks (forgets kept offsets and keys, truncates when asked), later ones skip it.
+    if let Some(done) = super::replay::carried_out(pipeline) {
+        env.push(literal(REPLAY_TOKEN_ENV, &done.token));
+        env.push(literal(
+            REPLAY_TRUNCATE_ENV,
+            if done.truncated { "true" } else { "false" },
+        ));
+    }
     let mut selectors = Vec::new();
     if let Ok(spec) = serde_json::to_value(&pipeline.spec) {
         secret_refs(&spec, &mut selectors);

@@ -101,7 +101,12 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
         Ok(connection) => connection,
         Err(refusal) => return refuse(ctx, pipeline, refusal).await,
     };
-    let rendered = match render(pipeline, Some(&connection), &ctx.config) {
+    let uid = pipeline.uid().unwrap_or_default();
+    let replayed = ctx.autoscaler(&uid, |s| s.replayed.clone())?;
+    // Rendered as carried out as soon as this operator recorded it, even before the cache
+    // shows the status: workers started without the token would skip the truncation.
+    let seen = replay::remembered(pipeline, replayed.as_ref());
+    let rendered = match render(&seen, Some(&connection), &ctx.config) {
         Ok(rendered) => rendered,
         Err(e) => {
             let refusal = Refusal {
@@ -112,9 +117,8 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
             return refuse(ctx, pipeline, refusal).await;
         }
     };
-    let uid = pipeline.uid().unwrap_or_default();
     if let Some(pending) = replay::pending(pipeline)
-        && ctx.autoscaler(&uid, |s| s.replayed.clone())?.as_deref() != Some(&pending.token)
+        && replayed.as_ref().map(|r| r.token.as_str()) != Some(pending.token.as_str())
     {
         return run_replay(ctx, pipeline, &refs, &rendered, &connection, pending).await;
     }
@@ -253,10 +257,10 @@ async fn run_replay(
                 ),
                 Some(e) => (true, "ReplayFailed", e.clone()),
             };
-            let status = replay::finished(base, pipeline, done);
+            let status = replay::finished(base, pipeline, done.clone());
             ctx.write_status(pipeline, pipeline.status.as_ref(), &status)
                 .await?;
-            ctx.autoscaler(&uid, |s| s.replayed = Some(pending.token.clone()))?;
+            ctx.autoscaler(&uid, |s| s.replayed = Some(done))?;
             ctx.event(pipeline, warning, reason, note).await;
             Ok(Action::requeue(std::time::Duration::from_millis(100)))
         }

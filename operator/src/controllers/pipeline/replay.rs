@@ -30,6 +30,43 @@ pub fn pending(pipeline: &EventPipeline) -> Option<&Replay> {
     (!done).then_some(replay)
 }
 
+/// The replay the workers carry out: `spec.replay` once its group reset is recorded
+/// without error. Its token (and whether to truncate) is rendered into the worker's
+/// environment from then on, so the first worker to start empties what it must before it
+/// writes, and any later start with the same token skips it. Never before the reset: a
+/// worker truncating then would write again from the old offsets.
+pub fn carried_out(pipeline: &EventPipeline) -> Option<&ReplayStatus> {
+    let replay = pipeline.spec.replay.as_ref()?;
+    pipeline
+        .status
+        .as_ref()?
+        .last_replay
+        .as_ref()
+        .filter(|done| done.token == replay.token && done.error.is_none())
+}
+
+/// `pipeline` as this operator knows it: with `replayed` (the replay it last recorded) as
+/// its `status.lastReplay` when the cached status does not show it yet.
+pub fn remembered<'a>(
+    pipeline: &'a EventPipeline,
+    replayed: Option<&ReplayStatus>,
+) -> std::borrow::Cow<'a, EventPipeline> {
+    let wanted = pipeline.spec.replay.as_ref().map(|r| r.token.as_str());
+    let shown = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| s.last_replay.as_ref())
+        .map(|r| r.token.as_str());
+    match replayed {
+        Some(done) if Some(done.token.as_str()) == wanted && shown != wanted => {
+            let mut seen = pipeline.clone();
+            seen.status.get_or_insert_with(Default::default).last_replay = Some(done.clone());
+            std::borrow::Cow::Owned(seen)
+        }
+        _ => std::borrow::Cow::Borrowed(pipeline),
+    }
+}
+
 /// Where a replay ends after a step.
 #[derive(Debug)]
 pub enum Progress {
@@ -50,7 +87,8 @@ pub async fn step(
         Progress::Finished(ReplayStatus {
             token: replay.token.clone(),
             completed_at: conditions::now(),
-            truncated: false,
+            // The workers truncate (they start with the token); only once the group is reset.
+            truncated: replay.truncate_sinks && error.is_none(),
             error,
         })
     };

@@ -222,6 +222,15 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
 
     fn close(&self) -> impl Future<Output = ()> + Send;
 
+    /// Carries out a replay in one transaction: records `(group, table, token)` in Weir's
+    /// `weir_replays` table (created when missing); only when this inserted the row (a
+    /// concurrent worker's insert of the same row waits for this transaction, then inserts
+    /// nothing) does it empty the table when `truncate`, delete the idempotency keys of
+    /// `keys` and forget the offsets stored for `offsets` (next offset NULL, generation
+    /// raised), then commits. Returns whether it inserted the row.
+    fn replay(&self, plan: &ReplayPlan<'_>)
+    -> impl Future<Output = Result<bool, SinkError>> + Send;
+
     /// Whether this database can keep a pipeline's offsets with its rows (exactly-once).
     fn keeps_offsets(&self) -> bool {
         false
@@ -265,6 +274,21 @@ fn not_kept() -> SinkError {
         ErrorClass::Fatal,
         "this database cannot keep offsets with its rows (exactly-once)",
     )
+}
+
+/// What a replay does in one SQL sink's database ([`Dialect::replay`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayPlan<'a> {
+    /// The pipeline's consumer group: with `table` and `token`, the replay's record.
+    pub group: &'a str,
+    pub table: &'a str,
+    pub token: &'a str,
+    /// Empty `table`.
+    pub truncate: bool,
+    /// The idempotency scope whose keys are deleted.
+    pub keys: Option<&'a str>,
+    /// The consumer group whose offsets stored with the rows are forgotten.
+    pub offsets: Option<&'a str>,
 }
 
 /// A partition claimed for writing: the fencing generation raised for this worker and the
@@ -323,6 +347,8 @@ pub struct SqlTable<D> {
     /// With exactly-once: the consumer group whose offsets are kept with the rows, and the
     /// partitions this worker claimed.
     offsets: Option<(String, std::sync::Mutex<Claims>)>,
+    /// The pipeline's consumer group, which names its replays in the database.
+    group: String,
 }
 
 impl<D: Dialect> SqlTable<D> {
@@ -337,7 +363,14 @@ impl<D: Dialect> SqlTable<D> {
             dialect,
             batches: std::sync::atomic::AtomicU64::new(0),
             offsets: None,
+            group: String::new(),
         })
+    }
+
+    /// The table as a sink of the pipeline consuming as `group`.
+    pub fn in_group(mut self, group: &str) -> Self {
+        group.clone_into(&mut self.group);
+        self
     }
 
     /// Keeps the offsets of `group` with the rows (exactly-once), when the database can.
@@ -395,6 +428,38 @@ impl<D: Dialect> Sink for SqlTable<D> {
                 self.dialect.create_offsets_table().await?;
             }
             Ok(())
+        })
+    }
+
+    /// Forgets the idempotency keys and the stored offsets even without truncation: the
+    /// group was reset so that these events are applied again.
+    fn replay<'a>(
+        &'a self,
+        replay: &'a super::Replay,
+    ) -> BoxFuture<'a, Result<super::Replayed, SinkError>> {
+        Box::pin(async move {
+            let plan = ReplayPlan {
+                group: &self.group,
+                table: &self.projection.spec.table,
+                token: &replay.token,
+                truncate: replay.truncate,
+                keys: self.idempotency.as_ref().map(|i| i.scope.as_str()),
+                offsets: self.offsets.as_ref().map(|(group, _)| group.as_str()),
+            };
+            if !plan.truncate && plan.keys.is_none() && plan.offsets.is_none() {
+                return Ok(super::Replayed::Nothing);
+            }
+            Ok(if self.dialect.replay(&plan).await? {
+                super::Replayed::Applied {
+                    truncated: if plan.truncate {
+                        vec![plan.table.to_owned()]
+                    } else {
+                        vec![]
+                    },
+                }
+            } else {
+                super::Replayed::Already
+            })
         })
     }
 
