@@ -11,15 +11,13 @@ mod common;
 use std::path::Path;
 
 use anyhow::Context as _;
-use common::{DEADLINE, Worker, pipeline, produce, start_with_args, wait_committed, wait_until};
+use common::{
+    DEADLINE, Worker, kafka, pipeline, produce, start_with_args, wait_committed, wait_until,
+};
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use weir_testkit::{TestDatabase, TestKafka, TestMySqlDatabase, unique_name};
-
-async fn kafka() -> anyhow::Result<TestKafka> {
-    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
-}
 
 /// A database of either kind, asked the same questions.
 enum Db {
@@ -114,7 +112,8 @@ fn reset_to_earliest(
     Ok(())
 }
 
-fn events(n: i64) -> Vec<(String, Vec<u8>)> {
+/// Todo events `{"id": n, "title": …}`, keyed `n % 13`.
+fn todos(n: i64) -> Vec<(String, Vec<u8>)> {
     (0..n)
         .map(|id| {
             (
@@ -169,7 +168,7 @@ async fn truncates_once_per_token(db: Db) -> anyhow::Result<()> {
     db.execute("CREATE TABLE todos (id bigint PRIMARY KEY, title text NOT NULL)")
         .await?;
     let spec = upsert_pipeline(&db, "todo-projection", &topic, &group);
-    produce(&kafka, &topic, &events(N)).await?;
+    produce(&kafka, &topic, &todos(N)).await?;
 
     // Built once.
     let mut worker = start(dir.path(), &kafka, &db, &spec, &[])?;
@@ -291,7 +290,7 @@ async fn exactly_once_replay_rewrites_every_event(db: Db, truncate: bool) -> any
             "retry": {"initialBackoff": "100ms", "maxBackoff": "1s"},
         }),
     );
-    produce(&kafka, &topic, &events(N)).await?;
+    produce(&kafka, &topic, &todos(N)).await?;
     let mut worker = start(dir.path(), &kafka, &db, &spec, &[])?;
     db.wait_count("SELECT count(*) FROM events", N, || worker.log_text())
         .await?;
