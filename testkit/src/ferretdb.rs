@@ -76,21 +76,10 @@ impl FerretDbServer {
     /// The shared server's URL: `$WEIR_TEST_MONGODB_URL`, else a server started by (and
     /// dying with) this process.
     pub fn shared_url() -> Result<String> {
-        static SHARED: OnceLock<std::result::Result<(String, Option<FerretDbServer>), String>> =
-            OnceLock::new();
-        SHARED
-            .get_or_init(|| match std::env::var(env::MONGODB_URL) {
-                Ok(url) if !url.is_empty() => Ok((url, None)),
-                _ => FerretDbServer::start()
-                    .map(|server| (server.url(), Some(server)))
-                    .map_err(|e| e.to_string()),
-            })
-            .as_ref()
-            .map(|(url, _)| url.clone())
-            .map_err(|detail| HarnessError::Start {
-                part: PART,
-                detail: detail.clone(),
-            })
+        static SHARED: crate::Shared<FerretDbServer> = OnceLock::new();
+        crate::shared_url(&SHARED, PART, env::MONGODB_URL, || {
+            FerretDbServer::start().map(|server| (server.url(), server))
+        })
     }
 
     pub fn port(&self) -> u16 {

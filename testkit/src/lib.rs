@@ -105,6 +105,32 @@ impl HarnessError {
 
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
+/// Where a server shared by the whole test process lives: its URL, and the server when
+/// this process started it (kept, so it dies with the process).
+type Shared<S> = std::sync::OnceLock<std::result::Result<(String, Option<S>), String>>;
+
+/// The URL of the server in `slot`: `$variable` when set (the suite's shared server), else
+/// one `start` gives on first use.
+fn shared_url<S: Send + Sync>(
+    slot: &'static Shared<S>,
+    part: &'static str,
+    variable: &str,
+    start: impl FnOnce() -> Result<(String, S)>,
+) -> Result<String> {
+    slot.get_or_init(|| match std::env::var(variable) {
+        Ok(url) if !url.is_empty() => Ok((url, None)),
+        _ => start()
+            .map(|(url, server)| (url, Some(server)))
+            .map_err(|e| e.to_string()),
+    })
+    .as_ref()
+    .map(|(url, _)| url.clone())
+    .map_err(|detail| HarnessError::Start {
+        part,
+        detail: detail.clone(),
+    })
+}
+
 /// The tools directory: `$WEIR_TOOLS_DIR`, else `~/.cache/weir-tools`.
 pub fn tools_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(env::TOOLS_DIR) {

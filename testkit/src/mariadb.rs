@@ -90,21 +90,10 @@ impl MariaDbServer {
     /// The shared server's admin URL: `$WEIR_TEST_MYSQL_URL`, else a server started by
     /// (and dying with) this process.
     pub fn shared_admin_url() -> Result<String> {
-        static SHARED: OnceLock<std::result::Result<(String, Option<MariaDbServer>), String>> =
-            OnceLock::new();
-        SHARED
-            .get_or_init(|| match std::env::var(env::MYSQL_URL) {
-                Ok(url) if !url.is_empty() => Ok((url, None)),
-                _ => MariaDbServer::start()
-                    .map(|server| (server.url("mysql"), Some(server)))
-                    .map_err(|e| e.to_string()),
-            })
-            .as_ref()
-            .map(|(url, _)| url.clone())
-            .map_err(|detail| HarnessError::Start {
-                part: PART,
-                detail: detail.clone(),
-            })
+        static SHARED: crate::Shared<MariaDbServer> = OnceLock::new();
+        crate::shared_url(&SHARED, PART, env::MYSQL_URL, || {
+            MariaDbServer::start().map(|server| (server.url("mysql"), server))
+        })
     }
 
     pub fn port(&self) -> u16 {

@@ -61,21 +61,10 @@ impl PostgresServer {
     /// The shared server's admin URL: `$WEIR_TEST_POSTGRES_URL`, else a server started by
     /// (and dying with) this process.
     pub fn shared_admin_url() -> Result<String> {
-        static SHARED: OnceLock<std::result::Result<(String, Option<PostgresServer>), String>> =
-            OnceLock::new();
-        SHARED
-            .get_or_init(|| match std::env::var(env::POSTGRES_URL) {
-                Ok(url) if !url.is_empty() => Ok((url, None)),
-                _ => PostgresServer::start()
-                    .map(|server| (server.url("postgres"), Some(server)))
-                    .map_err(|e| e.to_string()),
-            })
-            .as_ref()
-            .map(|(url, _)| url.clone())
-            .map_err(|detail| HarnessError::Start {
-                part: PART,
-                detail: detail.clone(),
-            })
+        static SHARED: crate::Shared<PostgresServer> = OnceLock::new();
+        crate::shared_url(&SHARED, PART, env::POSTGRES_URL, || {
+            PostgresServer::start().map(|server| (server.url("postgres"), server))
+        })
     }
 
     /// Stops the server (a fast shutdown: connections are cut, committed data is kept).
