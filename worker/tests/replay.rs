@@ -338,3 +338,40 @@ async fn mariadb_exactly_once_replayed_to_earliest_with_truncate_writes_every_ev
 -> anyhow::Result<()> {
     exactly_once_replay_rewrites_every_event(Db::mariadb().await?, true).await
 }
+
+/// `--replay-truncate` with a sink that cannot be emptied is refused before anything runs
+/// (exit code 2, naming the sink), as `validate()` refuses `spec.replay.truncateSinks`.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncating_an_http_sink_on_replay_is_refused_at_start() -> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    let dir = tempfile::tempdir()?;
+    let spec = pipeline(
+        "notify",
+        json!({
+            "source": {"topics": ["todo-events"]},
+            "sinks": [{"http": {"url": "http://127.0.0.1:9/"}}],
+        }),
+    );
+    let mut worker = start_with_args(
+        dir.path(),
+        &kafka,
+        &spec,
+        &[],
+        &["--replay-token", "t1", "--replay-truncate"],
+    )?;
+    let status = worker.wait(DEADLINE)?;
+    let log = worker.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("the http sink spec.sinks[0] cannot be truncated"),
+        "{log}"
+    );
+    // Without truncation the same replay starts (an http sink keeps nothing to forget).
+    let mut worker = start_with_args(dir.path(), &kafka, &spec, &[], &["--replay-token", "t1"])?;
+    wait_until("the worker consuming", DEADLINE, || {
+        Ok(worker.log_text().contains("consuming").then_some(()))
+    })
+    .with_context(|| worker.log_text())?;
+    assert!(worker.is_running(), "{}", worker.log_text());
+    Ok(())
+}
