@@ -10,16 +10,8 @@ use crate::record::Record;
 use crate::retry::ErrorClass;
 
 /// Header names on dead-lettered records.
-pub mod headers {
-    pub const ERROR_CLASS: &str = "weir.error.class";
-    pub const ERROR_MESSAGE: &str = "weir.error.message";
-    pub const ATTEMPTS: &str = "weir.attempts";
-    pub const SOURCE_TOPIC: &str = "weir.source.topic";
-    pub const SOURCE_PARTITION: &str = "weir.source.partition";
-    pub const SOURCE_OFFSET: &str = "weir.source.offset";
-    pub const FIRST_FAILURE: &str = "weir.first.failure";
-    pub const SINK: &str = "weir.sink";
-}
+/// Header names on dead-lettered records.
+pub use crate::kafka::headers;
 
 /// Why a record is dead-lettered.
 #[derive(Clone, Debug)]

@@ -10,6 +10,7 @@
 
 mod admin;
 mod config;
+pub mod headers;
 mod observe;
 pub mod records;
 mod wire;
