@@ -218,3 +218,59 @@ pub fn finished(
     status.last_replay = Some(done);
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(token: &str, recorded: Option<ReplayStatus>) -> EventPipeline {
+        let spec: weir_crds::EventPipelineSpec = serde_json::from_value(serde_json::json!({
+            "source": {"topics": ["in"]},
+            "sinks": [{"postgres": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}}],
+            "replay": {"token": token, "to": "Earliest", "truncateSinks": true}
+        }))
+        .expect("spec parses");
+        let mut pipeline = EventPipeline::new("p", spec);
+        pipeline.status = recorded.map(|r| EventPipelineStatus {
+            last_replay: Some(r),
+            ..EventPipelineStatus::default()
+        });
+        pipeline
+    }
+
+    fn done(token: &str, error: Option<&str>) -> ReplayStatus {
+        ReplayStatus {
+            token: token.into(),
+            completed_at: "2026-12-01T12:00:00Z".into(),
+            truncated: error.is_none(),
+            error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_replay_this_operator_recorded_is_carried_out_before_the_cache_shows_it() {
+        // The cache still shows the previous replay; this operator just recorded t2.
+        let stale = pipeline("t2", Some(done("t1", None)));
+        assert_eq!(carried_out(&stale), None);
+        let seen = remembered(&stale, Some(&done("t2", None)));
+        assert_eq!(carried_out(&seen).map(|r| r.token.as_str()), Some("t2"));
+        // What the cache shows wins once it shows the token; an older memory changes nothing.
+        let fresh = pipeline("t2", Some(done("t2", None)));
+        assert!(matches!(
+            remembered(&fresh, Some(&done("t1", None))),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            carried_out(&remembered(&stale, Some(&done("t1", None)))),
+            None
+        );
+    }
+
+    #[test]
+    fn a_failed_replay_is_not_carried_out_by_the_workers() {
+        let failed = pipeline("t2", None);
+        let seen = remembered(&failed, Some(&done("t2", Some("cannot reset"))));
+        assert!(pending(&seen).is_none(), "recorded: not tried again");
+        assert_eq!(carried_out(&seen), None);
+    }
+}
