@@ -350,3 +350,71 @@ async fn a_pipeline_the_worker_cannot_run_gets_a_reason_and_no_deployment() -> a
     );
     operator.stop().await
 }
+
+/// A kafka sink producing to another cluster: the pipeline waits (`ConnectionNotFound`
+/// naming the sink's connection) until that KafkaConnection exists, which alone brings the
+/// Deployment, with the connection in the worker's file and its CA's Secret key in the
+/// worker's environment.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kafka_sinks_own_connection_is_waited_for_then_handed_to_the_worker() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start().await?;
+    let kafka = TestKafka::shared()?;
+    let ns = cluster.namespace("sink-connection").await?;
+    cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
+    let operator = Operator::start(
+        cluster.operator_client()?,
+        config(&unique_name("lease"), "op-sink-connection"),
+    );
+    cluster
+        .apply_yaml(
+            &ns,
+            "apiVersion: weir.dev/v1alpha1\nkind: EventPipeline\nmetadata: {name: copy}\nspec:\n  source: {topics: [orders]}\n  sinks:\n    - kafka: {topic: orders-copy, connectionRef: {name: analytics}}\n",
+        )
+        .await?;
+    let client = cluster.admin.clone();
+    let pipelines: Api<EventPipeline> = Api::namespaced(client.clone(), &ns);
+    let (_, _, message) = eventually("ConnectionNotFound", || async {
+        let status = serde_json::to_value(&pipelines.get("copy").await?.status)?;
+        Ok(ready(Some(&status)).filter(|r| r.1 == "ConnectionNotFound"))
+    })
+    .await?;
+    assert!(message.contains("analytics"), "{message}");
+
+    cluster
+        .apply_yaml(
+            &ns,
+            &format!(
+                "apiVersion: weir.dev/v1alpha1\nkind: KafkaConnection\nmetadata: {{name: analytics}}\nspec:\n  bootstrapServers: [\"{}\"]\n  tls:\n    caCert: {{name: analytics-ca, key: ca.crt}}\n",
+                kafka.bootstrap()
+            ),
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    eventually("the Deployment with the sink connection's CA", || async {
+        Ok(deployments.get_opt("copy-worker").await?.filter(|d| {
+            d.spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .is_some_and(|p| {
+                    p.containers
+                        .iter()
+                        .flat_map(|c| c.env.iter().flatten())
+                        .any(|e| e.name == "WEIR_SECRET_ANALYTICS_CA_CA_CRT")
+                })
+        }))
+    })
+    .await?;
+    let maps: Api<ConfigMap> = Api::namespaced(client, &ns);
+    let file = maps
+        .get("copy-pipeline")
+        .await?
+        .data
+        .and_then(|d| d.into_values().next())
+        .unwrap_or_default();
+    assert!(
+        file.contains("name: analytics") && file.contains("name: default"),
+        "{file}"
+    );
+    operator.stop().await
+}

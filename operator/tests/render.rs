@@ -302,3 +302,67 @@ fn the_replay_token_reaches_the_workers_only_once_the_group_was_reset() -> anyho
     );
     Ok(())
 }
+
+/// A kafka sink naming another cluster's KafkaConnection: its spec joins the worker's file
+/// after the pipeline's own, and its Secret keys the worker's environment.
+#[test]
+fn a_kafka_sinks_own_connection_reaches_the_worker() -> anyhow::Result<()> {
+    let (_, mut pipeline) = examples()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no example"))?;
+    pipeline.spec.sinks = vec![serde_json::from_value(serde_json::json!(
+        {"kafka": {"topic": "copies", "connectionRef": {"name": "analytics"}}}
+    ))?];
+    let mut analytics = KafkaConnection::new(
+        "analytics",
+        serde_json::from_value(serde_json::json!({
+            "bootstrapServers": ["analytics-kafka:9093"],
+            "tls": {},
+            "sasl": {"mechanism": "SCRAM-SHA-512", "username": "copier",
+                     "passwordSecretRef": {"name": "analytics-user", "key": "password"}},
+        }))?,
+    );
+    analytics.metadata.namespace = Some("shop".into());
+    let own = connection()?;
+    let rendered =
+        weir_operator::render::render_with(&pipeline, Some(&own), &[&analytics], &config())?;
+    let file = rendered
+        .config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.values().next())
+        .ok_or_else(|| anyhow::anyhow!("no pipeline file"))?;
+    let names: Vec<String> = weir_crds::load::from_yaml(file)?
+        .into_iter()
+        .filter_map(|r| match r {
+            Loaded::KafkaConnection(c) => Some(c.metadata.name),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            own.metadata.name.clone().unwrap_or_default(),
+            "analytics".into()
+        ]
+    );
+    let env = rendered
+        .deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.containers.into_iter().next())
+        .and_then(|c| c.env)
+        .unwrap_or_default();
+    let password = env
+        .iter()
+        .find(|v| v.name == "WEIR_SECRET_ANALYTICS_USER_PASSWORD")
+        .and_then(|v| v.value_from.as_ref())
+        .and_then(|f| f.secret_key_ref.as_ref())
+        .ok_or_else(|| anyhow::anyhow!("no variable for the sink's password: {env:?}"))?;
+    assert_eq!(
+        (password.name.as_str(), password.key.as_str()),
+        ("analytics-user", "password")
+    );
+    Ok(())
+}

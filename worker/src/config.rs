@@ -2,6 +2,7 @@
 //! KafkaConnection in the same file (or flags), and secret values from the environment or
 //! files, never from logs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rdkafka::ClientConfig;
@@ -40,6 +41,9 @@ pub struct WorkerConfig {
     /// Names the Kafka connection in log lines: `KafkaConnection <namespace>/<name>`, or
     /// the bootstrap servers given on the command line.
     pub connection: String,
+    /// Producer properties of the other clusters kafka sinks name in `connectionRef`, by
+    /// KafkaConnection name (with their secrets: never log them).
+    pub sink_connections: BTreeMap<String, ClientConfig>,
     /// Static group membership (`group.instance.id`), e.g. the pod name.
     pub instance_id: Option<String>,
     /// Records decoded and transformed at once, one thread each.
@@ -259,6 +263,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
             None => message,
         },
     })?;
+    let sink_connections = sink_connections(path, &file, pipeline)?;
     let namespace = overrides
         .namespace
         .clone()
@@ -278,12 +283,60 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigEr
             ),
             (None, None) => "Kafka".to_owned(),
         },
+        sink_connections,
         instance_id: overrides.instance_id.clone(),
         transform_threads: overrides
             .transform_threads
             .unwrap_or_else(crate::shards::default_threads),
         replay: overrides.replay.clone(),
     })
+}
+
+/// The producer properties of every KafkaConnection the pipeline's kafka sinks name in
+/// `connectionRef` (each from the file, with its secrets from the environment).
+fn sink_connections(
+    path: &Path,
+    file: &PipelineFile,
+    pipeline: &Manifest<EventPipelineSpec>,
+) -> Result<BTreeMap<String, ClientConfig>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (i, sink) in pipeline.spec.sinks.iter().enumerate() {
+        let Some(reference) = sink.kafka.as_ref().and_then(|k| k.connection_ref.as_ref()) else {
+            continue;
+        };
+        let unusable = |message: String| ConfigError::Unusable {
+            path: path.to_owned(),
+            message: format!(
+                "EventPipeline {:?}: spec.sinks[{i}].kafka.connectionRef: {message}",
+                pipeline.metadata.name
+            ),
+        };
+        let Some(connection) = file
+            .connections
+            .iter()
+            .find(|c| c.metadata.name == reference.name)
+        else {
+            return Err(unusable(format!(
+                "the file holds no KafkaConnection named {:?}: add it (the operator does)",
+                reference.name
+            )));
+        };
+        connection
+            .spec
+            .validate()
+            .map_err(|problems| ConfigError::Invalid {
+                path: path.to_owned(),
+                name: connection.metadata.name.clone(),
+                problems,
+            })?;
+        let credentials = Credentials::resolve(&connection.spec, kafka_secret)
+            .map_err(|e| unusable(format!("KafkaConnection {:?}: {e}", reference.name)))?;
+        out.insert(
+            reference.name.clone(),
+            crate::kafka::client_config(&connection.spec, &credentials, Role::Producer),
+        );
+    }
+    Ok(out)
 }
 
 /// Client properties from a KafkaConnection (TLS and SASL included, its Secret keys read

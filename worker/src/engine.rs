@@ -106,6 +106,8 @@ impl Engine {
         let group = config.consumer_group();
         let connection = crate::sink::kafka::Connection {
             client: config.kafka.clone(),
+            label: config.connection.clone(),
+            others: config.sink_connections.clone(),
             // Stable across restarts with static membership, so a restarted worker fences
             // its predecessor's producer.
             transactional_id: format!(

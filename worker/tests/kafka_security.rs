@@ -11,16 +11,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use common::{
-    DEADLINE, Worker, pipeline, produce, read_topic, start_documents, wait_committed, wait_until,
+    DEADLINE, Worker, kafka, pipeline, produce, read_topic, start_documents, wait_committed,
+    wait_until,
 };
 use serde_json::{Value, json};
 use weir_crds::{KafkaConnectionSpec, SecretKeySelector};
 use weir_testkit::{KafkaSecurity, TestDatabase, TestKafka};
 use weir_worker::kafka::{self, Admin, AdminError, Cause, Credentials, Role};
-
-async fn kafka() -> anyhow::Result<TestKafka> {
-    Ok(tokio::task::spawn_blocking(TestKafka::shared).await??)
-}
 
 /// How a test connects: the KafkaConnection and the environment the worker reads its
 /// Secret keys from (`WEIR_SECRET_<NAME>_<KEY>`, as the operator sets them).
@@ -402,8 +399,115 @@ async fn a_worker_with_a_wrong_password_says_so_is_not_ready_and_logs_no_secret(
         .map(|()| worker)
     })
     .await??;
-    worker.stop()?;
+    // Its batch cannot be written: it would exit 1 after SIGTERM (not committed).
+    worker.signal("KILL")?;
+    worker.wait(DEADLINE)?;
     let log = worker.log_text();
     assert!(!log.contains(wrong), "the password is in the log:\n{log}");
+    Ok(())
+}
+
+/// A kafka sink with its own `connectionRef`: the pipeline reads over the plaintext
+/// listener, the sink's producer reaches the cluster over SASL_SSL with the analytics
+/// connection's own CA and password; nothing of them is logged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kafka_sink_produces_through_its_own_connection() -> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    let s = kafka.security()?.clone();
+    let input = kafka.create_topic("own-connection-in", 2, &[]).await?;
+    let output = kafka.create_topic("own-connection-out", 1, &[]).await?;
+    let records: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (i.to_string(), format!("{{\"n\": {i}}}").into_bytes()))
+        .collect();
+    produce(&kafka, &input, &records).await?;
+    let mut listener = scram(&s, &s.scram_password, &s.ca_pem);
+    listener.connection["metadata"]["name"] = json!("analytics");
+    let group = weir_testkit::unique_name("own-connection");
+    let doc = pipeline(
+        "copy",
+        json!({
+            "source": {"topics": [input], "consumerGroup": group},
+            "sinks": [{"kafka": {"topic": output, "connectionRef": {"name": "analytics"}}}],
+            "batch": {"maxRecords": 100, "maxWait": "100ms"},
+        }),
+    );
+    let dir = tempfile::tempdir()?;
+    let worker = start_documents(
+        dir.path(),
+        &kafka,
+        &[&doc, &listener.connection],
+        &listener.env(),
+        &[],
+    )?;
+    let (k, t, g) = (kafka.clone(), input.clone(), group.clone());
+    let mut worker = tokio::task::spawn_blocking(move || {
+        wait_committed(&k, &g, &t, 20, Some(&worker)).map(|()| worker)
+    })
+    .await??;
+    let k = kafka.clone();
+    let copied = tokio::task::spawn_blocking(move || read_topic(&k, &output, 20)).await??;
+    let mut values: Vec<Vec<u8>> = copied.into_iter().filter_map(|r| r.0).collect();
+    values.sort();
+    let mut sent: Vec<Vec<u8>> = records.into_iter().map(|(_, v)| v).collect();
+    sent.sort();
+    assert_eq!(values, sent, "every record copied as it is");
+    worker.stop()?;
+    let log = worker.log_text();
+    assert!(
+        !log.contains(&s.scram_password),
+        "a secret is in the log:\n{log}"
+    );
+    Ok(())
+}
+
+/// The same sink with a wrong password for its connection: the worker says so once, naming
+/// the sink's connection and the cause, and logs no secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kafka_sink_with_a_wrong_password_names_its_connection() -> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    let s = kafka.security()?.clone();
+    let input = kafka.create_topic("own-connection-refused", 1, &[]).await?;
+    let output = kafka
+        .create_topic("own-connection-refused-out", 1, &[])
+        .await?;
+    produce(&kafka, &input, &[("k".to_owned(), b"{}".to_vec())]).await?;
+    let wrong = "wrong-password-7c1b2a";
+    let mut listener = scram(&s, wrong, &s.ca_pem);
+    listener.connection["metadata"]["name"] = json!("analytics");
+    let doc = pipeline(
+        "copy",
+        json!({
+            "source": {"topics": [input]},
+            "sinks": [{"kafka": {"topic": output, "connectionRef": {"name": "analytics"}}}],
+        }),
+    );
+    let dir = tempfile::tempdir()?;
+    let worker = start_documents(
+        dir.path(),
+        &kafka,
+        &[&doc, &listener.connection],
+        &listener.env(),
+        &[],
+    )?;
+    let mut worker = tokio::task::spawn_blocking(move || {
+        wait_until("the worker names the failure", DEADLINE, || {
+            let log = worker.log_text();
+            Ok((log.contains("SASL authentication failed")
+                && log.contains("KafkaConnection analytics"))
+            .then_some(()))
+        })
+        .map(|()| worker)
+    })
+    .await??;
+    // Its batch cannot be written: it would exit 1 after SIGTERM (not committed).
+    worker.signal("KILL")?;
+    worker.wait(DEADLINE)?;
+    let log = worker.log_text();
+    assert!(!log.contains(wrong), "the password is in the log:\n{log}");
+    assert_eq!(
+        log.matches("SASL authentication failed").count(),
+        1,
+        "said once, not on every attempt:\n{log}"
+    );
     Ok(())
 }

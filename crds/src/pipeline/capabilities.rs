@@ -47,16 +47,6 @@ impl EventPipelineSpec {
                 }
             }
         }
-        for (i, sink) in self.sinks.iter().enumerate() {
-            if let Some(kafka) = &sink.kafka
-                && kafka.connection_ref.is_some()
-            {
-                spec.index("sinks", i).at("kafka").field_error(
-                    "connectionRef",
-                    "a kafka sink on another cluster is not available in this version yet: remove it to produce to the pipeline's own cluster",
-                );
-            }
-        }
         if self.delivery == Delivery::ExactlyOnce {
             self.check_exactly_once(spec);
         }
@@ -174,16 +164,25 @@ mod tests {
     }
 
     #[test]
-    fn every_sink_kind_runs_and_a_kafka_sink_on_another_cluster_is_refused() {
-        let s = spec(serde_json::json!({"sinks": [
+    fn every_sink_kind_runs_a_kafka_sink_on_another_cluster_at_least_once() {
+        let sinks = serde_json::json!([
             {"http": {"url": "http://x"}},
             {"kafka": {"topic": "out"}},
             {"mysql": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}},
             {"mongodb": {"urlFrom": {"env": "M"}, "database": "d", "collection": "c"}},
             {"kafka": {"topic": "out", "connectionRef": {"name": "other"}}}
+        ]);
+        assert_eq!(
+            paths(&spec(serde_json::json!({"sinks": sinks}))),
+            Vec::<String>::new()
+        );
+        let exactly_once = spec(serde_json::json!({"delivery": "ExactlyOnce", "sinks": [
+            {"kafka": {"topic": "out", "connectionRef": {"name": "other"}}}
         ]}));
-        let paths = paths(&s);
-        assert_eq!(paths, vec!["spec.sinks[4].kafka.connectionRef".to_owned()]);
+        assert_eq!(
+            paths(&exactly_once),
+            vec!["spec.sinks[0].kafka.connectionRef".to_owned()]
+        );
     }
 
     #[test]

@@ -454,8 +454,9 @@ pub struct KafkaSink {
     /// The topic to produce to.
     #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
     pub topic: String,
-    /// The KafkaConnection of another cluster. Not available in this version (refused): the
-    /// sink produces to the pipeline's own cluster.
+    /// The KafkaConnection (in the pipeline's namespace) of the cluster to produce to, when
+    /// it is not the pipeline's own; its TLS and SASL settings apply to this sink's producer.
+    /// At-least-once only: an exactly-once transaction cannot span two clusters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_ref: Option<ConnectionRef>,
     /// A CEL expression giving the record key (a string as it is, a number as its digits,

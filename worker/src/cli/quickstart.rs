@@ -95,6 +95,7 @@ pub async fn run(database: &Path) -> anyhow::Result<()> {
             .set("bootstrap.servers", &bootstrap)
             .clone(),
         connection: "the embedded broker".to_owned(),
+        sink_connections: Default::default(),
         instance_id: None,
         transform_threads: weir_worker::shards::default_threads(),
         replay: None,

@@ -138,6 +138,22 @@ pub fn render(
     connection: Option<&KafkaConnection>,
     config: &OperatorConfig,
 ) -> Result<Rendered, RenderError> {
+    render_with(pipeline, connection, &[], config)
+}
+
+/// Renders as [`render`] does, with the KafkaConnections of other clusters its kafka sinks
+/// name in `connectionRef` (their specs join the worker's file, their Secret keys its
+/// environment).
+pub fn render_with(
+    pipeline: &EventPipeline,
+    connection: Option<&KafkaConnection>,
+    sink_connections: &[&KafkaConnection],
+    config: &OperatorConfig,
+) -> Result<Rendered, RenderError> {
+    let connections: Vec<&KafkaConnection> = connection
+        .into_iter()
+        .chain(sink_connections.iter().copied())
+        .collect();
     let name = pipeline.name_any();
     if name.len() > MAX_NAME_LEN {
         return Err(RenderError::Invalid {
@@ -159,7 +175,7 @@ pub fn render(
         ..ObjectMeta::default()
     };
 
-    let file = pipeline_file(pipeline, connection)?;
+    let file = pipeline_file(pipeline, &connections)?;
     let config_map = ConfigMap {
         metadata: meta(&names.config_map),
         data: Some(BTreeMap::from([(PIPELINE_FILE.to_owned(), file.clone())])),
@@ -177,7 +193,7 @@ pub fn render(
         .image
         .clone()
         .unwrap_or_else(|| config.worker_image.clone());
-    let env = environment(pipeline, connection, &namespace);
+    let env = environment(pipeline, &connections, &namespace);
     let config_hash = hash(&[
         file.as_bytes(),
         image.as_bytes(),
@@ -392,11 +408,12 @@ fn owner_reference(pipeline: &EventPipeline) -> Result<OwnerReference, RenderErr
         })
 }
 
-/// The worker's file: the EventPipeline and the KafkaConnection it uses, as YAML. Secrets
-/// stay references; their values reach the worker as environment variables.
+/// The worker's file: the EventPipeline and the KafkaConnections it uses (its own, then
+/// its kafka sinks'), as YAML. Secrets stay references; their values reach the worker as
+/// environment variables.
 fn pipeline_file(
     pipeline: &EventPipeline,
-    connection: Option<&KafkaConnection>,
+    connections: &[&KafkaConnection],
 ) -> Result<String, RenderError> {
     let mut documents = vec![serde_json::json!({
         "apiVersion": "weir.dev/v1alpha1",
@@ -404,7 +421,11 @@ fn pipeline_file(
         "metadata": {"name": pipeline.name_any(), "namespace": pipeline.namespace()},
         "spec": pipeline.spec,
     })];
-    if let Some(connection) = connection {
+    let mut named = std::collections::BTreeSet::new();
+    for connection in connections {
+        if !named.insert(connection.name_any()) {
+            continue;
+        }
         documents.push(serde_json::json!({
             "apiVersion": "weir.dev/v1alpha1",
             "kind": "KafkaConnection",
@@ -430,10 +451,10 @@ fn pipeline_file(
 }
 
 /// The worker's environment: its identity, then every Secret key the pipeline and its
-/// connection reference (as `WEIR_SECRET_<NAME>_<KEY>`), then the user's own variables.
+/// connections reference (as `WEIR_SECRET_<NAME>_<KEY>`), then the user's own variables.
 fn environment(
     pipeline: &EventPipeline,
-    connection: Option<&KafkaConnection>,
+    connections: &[&KafkaConnection],
     namespace: &str,
 ) -> Vec<EnvVar> {
     let literal = |name: &str, value: &str| EnvVar {
@@ -470,7 +491,7 @@ fn environment(
     if let Ok(spec) = serde_json::to_value(&pipeline.spec) {
         secret_refs(&spec, &mut selectors);
     }
-    if let Some(connection) = connection {
+    for connection in connections {
         let spec = &connection.spec;
         if let Some(tls) = &spec.tls {
             selectors.extend(

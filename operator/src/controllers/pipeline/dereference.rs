@@ -21,6 +21,9 @@ pub struct Dereferenced {
     /// The KafkaConnection's namespace-qualified name, whether or not it exists.
     pub connection_name: String,
     pub connection: Option<Arc<KafkaConnection>>,
+    /// The KafkaConnections its kafka sinks name in `connectionRef`: (name, the object when
+    /// it exists), in the order of the sinks.
+    pub sink_connections: Vec<(String, Option<Arc<KafkaConnection>>)>,
     /// The worker Deployment, when it exists.
     pub deployment: Option<Deployment>,
     /// The consumer group's offsets, or why they could not be read (not read without a
@@ -32,6 +35,13 @@ pub async fn dereference(ctx: &Context, pipeline: &EventPipeline) -> Result<Dere
     let namespace = pipeline.namespace().unwrap_or_default();
     let name = connection_name(pipeline.spec.connection_ref.as_ref(), &ctx.config).to_owned();
     let connection = ctx.connection(&namespace, &name);
+    let sink_connections = sink_connection_names(pipeline)
+        .into_iter()
+        .map(|name| {
+            let found = ctx.connection(&namespace, &name);
+            (name, found)
+        })
+        .collect();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let deployment = deployments
         .get_opt(&Names::of(&pipeline.name_any()).worker)
@@ -43,9 +53,23 @@ pub async fn dereference(ctx: &Context, pipeline: &EventPipeline) -> Result<Dere
     Ok(Dereferenced {
         connection_name: name,
         connection,
+        sink_connections,
         deployment,
         lag,
     })
+}
+
+/// The KafkaConnections a pipeline's kafka sinks name in `connectionRef`, each once.
+pub fn sink_connection_names(pipeline: &EventPipeline) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for sink in &pipeline.spec.sinks {
+        if let Some(reference) = sink.kafka.as_ref().and_then(|k| k.connection_ref.as_ref())
+            && !names.contains(&reference.name)
+        {
+            names.push(reference.name.clone());
+        }
+    }
+    names
 }
 
 /// A failure to read the lag does not fail the reconcile: the replicas stay as they are

@@ -27,14 +27,14 @@ use weir_crds::{EventPipeline, KafkaConnection, KafkaTopic};
 use crate::apply::{apply, delete_orphans};
 use crate::conditions;
 use crate::context::{Context, Error};
-use build::{CONFIG_HASH_ANNOTATION, Names, Rendered, render};
+use build::{CONFIG_HASH_ANNOTATION, Names, Rendered, render_with};
 use validate::Refusal;
 
 pub const KIND: &str = "EventPipeline";
 
-/// The pipelines that use a KafkaConnection (by reference, or as the namespace's default),
-/// so a change to it re-renders them (and a pipeline refused for its connection is
-/// reconsidered).
+/// The pipelines that use a KafkaConnection (by reference, as the namespace's default, or in
+/// a kafka sink's connectionRef), so a change to it re-renders them (and a pipeline refused
+/// for its connection is reconsidered).
 pub fn connection_mapper(
     pipelines: Store<EventPipeline>,
     default_connection: String,
@@ -47,11 +47,13 @@ pub fn connection_mapper(
             .iter()
             .filter(|p| {
                 p.namespace() == namespace
-                    && p.spec
+                    && (p
+                        .spec
                         .connection_ref
                         .as_ref()
                         .map_or(default_connection.as_str(), |r| r.name.as_str())
                         == name
+                        || dereference::sink_connection_names(p).contains(&name))
             })
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect()
@@ -106,7 +108,12 @@ async fn reconcile_inner(pipeline: &EventPipeline, ctx: &Context) -> Result<Acti
     // Rendered as carried out as soon as this operator recorded it, even before the cache
     // shows the status: workers started without the token would skip the truncation.
     let seen = replay::remembered(pipeline, replayed.as_ref());
-    let rendered = match render(&seen, Some(&connection), &ctx.config) {
+    let sink_connections: Vec<&KafkaConnection> = refs
+        .sink_connections
+        .iter()
+        .filter_map(|(_, c)| c.as_deref())
+        .collect();
+    let rendered = match render_with(&seen, Some(&connection), &sink_connections, &ctx.config) {
         Ok(rendered) => rendered,
         Err(e) => {
             let refusal = Refusal {

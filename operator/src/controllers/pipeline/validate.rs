@@ -18,7 +18,8 @@ pub struct Refusal {
 }
 
 /// The checks, in order: the spec (the worker's own `validate()`, CEL included) and the
-/// connection's existence (the worker uses TLS and SASL as the operator does).
+/// existence of its connection and of its kafka sinks' (the worker uses TLS and SASL as
+/// the operator does).
 pub fn validate(
     pipeline: &EventPipeline,
     refs: &Dereferenced,
@@ -41,5 +42,14 @@ pub fn validate(
             spec: false,
         });
     };
+    if let Some((missing, _)) = refs.sink_connections.iter().find(|(_, c)| c.is_none()) {
+        return Err(Refusal {
+            reason: "ConnectionNotFound",
+            message: format!(
+                "KafkaConnection {namespace}/{missing} (a kafka sink's connectionRef) does not exist: create it, or remove the sink's connectionRef to produce to the pipeline's own cluster"
+            ),
+            spec: false,
+        });
+    }
     Ok(connection)
 }

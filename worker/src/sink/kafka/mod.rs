@@ -1,9 +1,11 @@
-//! The Kafka sink: each event becomes one record on a topic of the pipeline's cluster. At
-//! least once: an idempotent producer acknowledged by all in-sync replicas, every record of
+//! The Kafka sink: each event becomes one record on a topic of the pipeline's cluster, or
+//! of another one its `connectionRef` names (at least once only). At least once: an
+//! idempotent producer acknowledged by all in-sync replicas, every record of
 //! a batch awaited. Exactly once: a transactional producer; a transaction per batch carries
 //! the records and the consumed offsets (`send_offsets_to_transaction` with the consumer's
 //! group metadata), and any failure aborts it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -17,17 +19,23 @@ use weir_crds::{KafkaCompression, KafkaSink as KafkaSpec};
 
 use super::{Rejected, Sink, SinkError, WriteInput, Written};
 use crate::commit::{Commit, CommitError, Transaction};
+use crate::kafka::Observer;
 use crate::retry::ErrorClass;
 use crate::transform::{Expression, Variables, context_with};
 
 /// How long a transactional call may block.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What a producer needs from the worker: the pipeline's client settings and, for a
-/// transactional producer, a stable identity.
+/// What a producer needs from the worker: the pipeline's client settings, those of other
+/// clusters a sink names in `connectionRef`, and, for a transactional producer, a stable
+/// identity.
 #[derive(Clone, Debug)]
 pub struct Connection {
     pub client: ClientConfig,
+    /// Names the pipeline's connection in log lines and errors.
+    pub label: String,
+    /// By KafkaConnection name.
+    pub others: BTreeMap<String, ClientConfig>,
     /// `transactional.id`: the consumer group and the worker's instance id, so that a
     /// restarted worker fences its predecessor's producer.
     pub transactional_id: String,
@@ -50,7 +58,7 @@ pub struct KafkaSink {
     /// Without a value expression or a transform, the record's value is sent as it is.
     value_as_is: bool,
     /// `None` when only checked (no connection).
-    producer: Option<FutureProducer>,
+    producer: Option<FutureProducer<Observer>>,
     transactional: bool,
 }
 
@@ -112,7 +120,7 @@ impl KafkaSink {
         })
     }
 
-    fn producer(&self) -> Result<&FutureProducer, SinkError> {
+    fn producer(&self) -> Result<&FutureProducer<Observer>, SinkError> {
         self.producer.as_ref().ok_or_else(|| {
             SinkError::new(
                 ErrorClass::Fatal,
@@ -279,7 +287,7 @@ impl KafkaSink {
 
     async fn in_transaction(
         &self,
-        producer: &FutureProducer,
+        producer: &FutureProducer<Observer>,
         input: &[WriteInput<'_>],
         tx: &Transaction<'_>,
         metadata: &ConsumerGroupMetadata,
@@ -408,8 +416,24 @@ fn producer(
     spec: &KafkaSpec,
     exactly_once: bool,
     connection: &Connection,
-) -> Result<FutureProducer, String> {
-    let mut config = connection.client.clone();
+) -> Result<FutureProducer<Observer>, String> {
+    let (mut config, label) = match &spec.connection_ref {
+        // Another cluster: at least once (validate() refuses ExactlyOnce with it).
+        Some(reference) => (
+            connection
+                .others
+                .get(&reference.name)
+                .cloned()
+                .ok_or_else(|| {
+                    format!(
+                        "kafka.connectionRef: KafkaConnection {:?} was not given to the worker",
+                        reference.name
+                    )
+                })?,
+            format!("KafkaConnection {} (a kafka sink's)", reference.name),
+        ),
+        None => (connection.client.clone(), connection.label.clone()),
+    };
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -431,8 +455,10 @@ fn producer(
             .set("transactional.id", &connection.transactional_id)
             .set("transaction.timeout.ms", "60000");
     }
+    // Connection failures are said once, with their cause, then counted (not librdkafka's
+    // lines on every attempt).
     config
-        .create()
+        .create_with_context(Observer::new(label))
         .map_err(|e| format!("cannot create the kafka sink's producer: {e}"))
 }
 
