@@ -23,6 +23,8 @@ use weir_testkit::{TestDatabase, TestKafka, TestMySqlDatabase, unique_name};
 enum Db {
     Postgres(TestDatabase),
     MariaDb(TestMySqlDatabase),
+    /// A file in the test's directory, and its URL.
+    Sqlite(sqlx::SqlitePool, String),
 }
 
 impl Db {
@@ -34,10 +36,17 @@ impl Db {
         Ok(Db::MariaDb(TestMySqlDatabase::create().await?))
     }
 
+    async fn sqlite(dir: &Path) -> anyhow::Result<Db> {
+        let url = format!("sqlite://{}", dir.join("sink.db").display());
+        let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc")).await?;
+        Ok(Db::Sqlite(pool, url))
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Db::Postgres(_) => "postgres",
             Db::MariaDb(_) => "mysql",
+            Db::Sqlite(..) => "sqlite",
         }
     }
 
@@ -45,6 +54,7 @@ impl Db {
         match self {
             Db::Postgres(db) => &db.url,
             Db::MariaDb(db) => &db.url,
+            Db::Sqlite(_, url) => url,
         }
     }
 
@@ -56,6 +66,9 @@ impl Db {
             }
             Db::MariaDb(db) => {
                 sqlx::query(sql).execute(&db.pool).await?;
+            }
+            Db::Sqlite(pool, _) => {
+                sqlx::query(sql).execute(pool).await?;
             }
         }
         Ok(())
@@ -74,6 +87,7 @@ impl Db {
                     .fetch_one(&db.pool)
                     .await?
             }
+            Db::Sqlite(pool, _) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
         })
     }
 
@@ -159,10 +173,9 @@ fn replay_lines(log: &str) -> (usize, usize) {
     )
 }
 
-async fn truncates_once_per_token(db: Db) -> anyhow::Result<()> {
+async fn truncates_once_per_token(db: Db, dir: tempfile::TempDir) -> anyhow::Result<()> {
     const N: i64 = 120;
     let kafka = kafka().await?;
-    let dir = tempfile::tempdir()?;
     let topic = kafka.create_topic("todo-events", 3, &[]).await?;
     let group = unique_name("projection");
     db.execute("CREATE TABLE todos (id bigint PRIMARY KEY, title text NOT NULL)")
@@ -220,6 +233,10 @@ async fn truncates_once_per_token(db: Db) -> anyhow::Result<()> {
     worker.stop()?;
     assert_eq!(replay_lines(&worker.log_text()), (0, 1));
 
+    if matches!(db, Db::Sqlite(..)) {
+        // One writer only (maxReplicas: 1): no second worker.
+        return Ok(());
+    }
     // Two workers starting at once with a new token: one truncates, the other waits for
     // its transaction and skips.
     reset_to_earliest(&kafka, &group, &topic, 3)?;
@@ -256,13 +273,19 @@ async fn truncates_once_per_token(db: Db) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_a_replay_token_truncates_once_however_many_workers_start_with_it()
 -> anyhow::Result<()> {
-    truncates_once_per_token(Db::postgres().await?).await
+    truncates_once_per_token(Db::postgres().await?, tempfile::tempdir()?).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mariadb_a_replay_token_truncates_once_however_many_workers_start_with_it()
 -> anyhow::Result<()> {
-    truncates_once_per_token(Db::mariadb().await?).await
+    truncates_once_per_token(Db::mariadb().await?, tempfile::tempdir()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_replay_token_truncates_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    truncates_once_per_token(Db::sqlite(dir.path()).await?, dir).await
 }
 
 /// Exactly-once keeps the offsets with the rows and resumes from them, not from the group:
