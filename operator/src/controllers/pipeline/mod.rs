@@ -258,8 +258,10 @@ async fn run_replay(
                     false,
                     "Replayed",
                     format!(
-                        "replay {}: consumer group {group} reset ({:?}); the workers resume",
-                        done.token, pending.to
+                        "replay {}: consumer group {group} reset ({:?}); the workers resume{}",
+                        done.token,
+                        pending.to,
+                        replay::resuming(&done)
                     ),
                 ),
                 Some(e) => (true, "ReplayFailed", e.clone()),

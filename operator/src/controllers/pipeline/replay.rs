@@ -187,6 +187,15 @@ pub fn waiting(
     status
 }
 
+/// What the workers do first when they resume after `done`.
+pub fn resuming(done: &ReplayStatus) -> &'static str {
+    if done.truncated {
+        " and the first of them empties the SQL sinks' tables before it writes"
+    } else {
+        ""
+    }
+}
+
 /// The status once the replay finished.
 pub fn finished(
     mut status: EventPipelineStatus,
@@ -201,8 +210,10 @@ pub fn finished(
             false,
             "Replayed",
             format!(
-                "replay {} reset the consumer group at {}",
-                done.token, done.completed_at
+                "replay {} reset the consumer group at {}; the workers resume{}",
+                done.token,
+                done.completed_at,
+                resuming(&done)
             ),
             generation,
         ),
