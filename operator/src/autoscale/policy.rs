@@ -254,6 +254,14 @@ pub fn decide(settings: &Settings, now: &Observation, memory: &mut Memory) -> De
                 ),
             )
         }
+        // Nothing left to consume, nothing stuck and minReplicas 0: no worker is needed
+        // (after the cooldown), measured or not. A backlog drained within one reading
+        // leaves no busy interval to measure, and must not hold a worker for ever.
+        _ if lag == 0 && stuck.is_empty() && floor == 0 => (
+            0,
+            Reason::Idle,
+            "no lag and minReplicas 0: no workers".to_owned(),
+        ),
         _ => {
             // KEDA's rule, per partition: a partition's lag is worth one replica at most.
             let per = settings.target_lag_per_replica.max(1) as f64;
@@ -904,6 +912,60 @@ mod tests {
         assert!(weir.replicas[..24].iter().all(|r| *r == 0));
         assert_eq!(weir.replicas.last(), Some(&0));
         assert!(weir.reasons.contains(&Reason::Activated) && weir.reasons.contains(&Reason::Idle));
+    }
+
+    #[test]
+    fn a_backlog_drained_within_one_reading_still_scales_back_to_zero() {
+        // Drained before any interval was busy: no drain rate per replica is ever measured.
+        let settings = Settings {
+            min_replicas: 0,
+            max_replicas: 2,
+            target_lag_per_replica: 1000,
+            cooldown: 10.0,
+            ..Settings::default()
+        };
+        let mut memory = Memory::default();
+        let at = |t: f64, replicas: i32, lag: Vec<i64>, drained: Vec<f64>| Observation {
+            at: t,
+            replicas,
+            lag,
+            drained,
+            arrival_rate: Some(0.0),
+        };
+        let first = decide(
+            &settings,
+            &at(0.0, 0, vec![2500, 2500], vec![]),
+            &mut memory,
+        );
+        assert_eq!((first.replicas, first.reason), (2, Reason::Activated));
+        let mut replicas = 2;
+        let mut counts = vec![replicas];
+        for tick in 1..=10 {
+            let t = f64::from(tick) * 5.0;
+            let drained = if tick == 1 {
+                vec![500.0, 500.0]
+            } else {
+                vec![0.0, 0.0]
+            };
+            let d = decide(
+                &settings,
+                &at(t, replicas, vec![0, 0], drained),
+                &mut memory,
+            );
+            assert!(memory.per_replica.is_none(), "nothing was measured busy");
+            if d.replicas != replicas {
+                counts.push(d.replicas);
+            }
+            replicas = d.replicas;
+        }
+        // Down by halves, each after the cooldown: 2 → 1 → 0.
+        assert_eq!(counts, vec![2, 1, 0]);
+        let idle = decide(
+            &settings,
+            &at(55.0, 0, vec![0, 0], vec![0.0, 0.0]),
+            &mut memory,
+        );
+        assert_eq!((idle.replicas, idle.reason), (0, Reason::Idle));
     }
 
     #[test]
