@@ -11,6 +11,11 @@
 //! the partition count), the workers drain it into PostgreSQL (every event lands, once),
 //! and after the cooldown the count comes back down to minReplicas, by at most half at a
 //! time; the sequence of counts the operator wrote rises, then falls, once.
+//!
+//! On a topic written in transactions (one aborted), a `minReplicas: 0` pipeline starts
+//! its workers for the backlog and goes back to none once they consumed it, though every
+//! partition keeps offsets past the last commit (the markers): lag is what a
+//! read_committed consumer still receives.
 
 #[path = "../../operator/tests/common/mod.rs"]
 mod common;
@@ -23,7 +28,9 @@ use common::kubelet::{Kubelet, worker_binary};
 use common::{Cluster, Operator, config, connection_yaml, eventually, eventually_within};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{
+    BaseRecord, FutureProducer, FutureRecord, Producer as _, ThreadedProducer,
+};
 use weir_crds::EventPipeline;
 use weir_testkit::{TestDatabase, TestKafka, unique_name};
 
@@ -250,6 +257,170 @@ spec:
             .iter()
             .all(|(_, e)| e.is_some_and(|e| e.success())),
         "{stopped:?}"
+    );
+    operator.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumed_transactional_topic_scales_the_workers_to_zero() -> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    let kafka = TestKafka::shared()?;
+    let db = TestDatabase::create().await?;
+    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY, n bigint NOT NULL)")
+        .execute(&db.pool)
+        .await?;
+    let ns = cluster.namespace("to-zero").await?;
+    let topic = kafka.create_topic("to-zero", PARTITIONS, &[]).await?;
+    let group = unique_name("to-zero-group");
+
+    // 10 transactions of 400 records; the last is aborted, so each partition ends with its
+    // records and an abort marker, none of which a read_committed consumer receives.
+    let (transactions, per_transaction, aborted) = (10_i64, 400_i64, 9_i64);
+    let producer_config = kafka.config();
+    let producer_topic = topic.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let timeout = Duration::from_secs(30);
+        let producer: ThreadedProducer<_> = producer_config
+            .clone()
+            .set("transactional.id", unique_name("to-zero-producer"))
+            .create()?;
+        producer.init_transactions(timeout)?;
+        for t in 0..transactions {
+            producer.begin_transaction()?;
+            for i in 0..per_transaction {
+                let id = t * per_transaction + i;
+                let (key, value) = (
+                    id.to_string(),
+                    format!("{{\"id\": {id}, \"n\": {}}}", id * 2),
+                );
+                producer
+                    .send(BaseRecord::to(&producer_topic).key(&key).payload(&value))
+                    .map_err(|(e, _)| e)?;
+            }
+            producer.flush(timeout)?;
+            if t == aborted {
+                producer.abort_transaction(timeout)?;
+            } else {
+                producer.commit_transaction(timeout)?;
+            }
+        }
+        Ok(())
+    })
+    .await??;
+    let committed = (transactions - 1) * per_transaction;
+
+    let secrets: Api<Secret> = Api::namespaced(cluster.admin.clone(), &ns);
+    let mut secret = Secret::default();
+    secret.metadata.name = Some("events-db".into());
+    secret.string_data = Some(BTreeMap::from([("url".to_owned(), db.url.clone())]));
+    secrets.create(&PostParams::default(), &secret).await?;
+    cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
+    let cooldown = Duration::from_secs(5);
+    cluster
+        .apply_yaml(
+            &ns,
+            &format!(
+                r#"apiVersion: weir.dev/v1alpha1
+kind: EventPipeline
+metadata: {{name: events}}
+spec:
+  source: {{topics: [{topic}], consumerGroup: {group}}}
+  sinks:
+    - postgres:
+        urlFrom: {{secretKeyRef: {{name: events-db, key: url}}}}
+        table: events
+        mode: Upsert
+        keyColumns: [id]
+        columns: [{{name: id, type: bigint}}, {{name: n, type: bigint}}]
+  batch: {{maxRecords: 100, maxWait: 20ms}}
+  scaling: {{minReplicas: 0, maxReplicas: 2, targetLagPerReplica: 1000, cooldown: {cooldown}s}}
+  worker: {{terminationGracePeriodSeconds: 20}}
+"#,
+                cooldown = cooldown.as_secs(),
+            ),
+        )
+        .await?;
+    let mut settings = config(&unique_name("lease"), "op-to-zero");
+    settings.lag_interval = Duration::from_secs(1);
+    let operator = Operator::start(cluster.operator_client()?, settings);
+    let kubelet = Kubelet::start(
+        cluster.admin.clone(),
+        &ns,
+        "events-worker",
+        worker_binary()?,
+    )?;
+    let pipelines: Api<EventPipeline> = Api::namespaced(cluster.admin.clone(), &ns);
+
+    eventually_within(
+        Duration::from_secs(90),
+        "every committed event in the table",
+        || async {
+            let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
+                .fetch_one(&db.pool)
+                .await?;
+            Ok((rows == committed).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| format!("{:?}\n{}", kubelet.observed(), kubelet.logs()))?;
+    let (from_the_aborted,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM events WHERE id >= $1 AND id < $2")
+            .bind(aborted * per_transaction)
+            .bind((aborted + 1) * per_transaction)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(
+        from_the_aborted, 0,
+        "records of the aborted transaction were written"
+    );
+
+    // No workers once the lag is gone, two cooldowns later (2 → 1 → 0).
+    let to_zero = eventually_within(
+        cooldown * 4 + Duration::from_secs(30),
+        "no workers",
+        || async {
+            let observed = kubelet.observed();
+            Ok((observed.replicas.last().map(|(_, r)| *r) == Some(0)
+                && observed.running == 0
+                && observed.terminating == 0)
+                .then_some(()))
+        },
+    )
+    .await;
+    let status = pipelines.get("events").await?.status.unwrap_or_default();
+    to_zero.with_context(|| format!("{status:?}\n{:?}\n{}", kubelet.observed(), kubelet.logs()))?;
+    assert_eq!(status.lag.as_ref().map(|l| l.total), Some(0), "{status:?}");
+    assert_eq!(status.desired_replicas, Some(0), "{status:?}");
+    // The offsets still differ: the aborted records and the marker on every partition.
+    let admin = weir_operator::kafka::Admin::new(&kafka.config(), Duration::from_secs(10))?;
+    let high = admin.high_watermarks(std::slice::from_ref(&topic)).await?;
+    let offsets = admin
+        .committed_offsets(&group, std::slice::from_ref(&topic))
+        .await?;
+    let behind: i64 = high
+        .iter()
+        .map(|(p, h)| h - offsets.get(p).copied().unwrap_or(0))
+        .sum();
+    assert!(
+        behind > per_transaction + i64::from(PARTITIONS),
+        "offsets {offsets:?}, high watermarks {high:?}"
+    );
+
+    let observed = kubelet.stop().await;
+    let counts: Vec<i32> = observed.replicas.iter().map(|(_, r)| *r).collect();
+    assert_eq!(counts.iter().max(), Some(&2), "{counts:?}");
+    assert!(counts.ends_with(&[2, 1, 0]), "{counts:?}");
+    assert!(observed.crashes.is_empty(), "{:?}", observed.crashes);
+    assert!(
+        observed
+            .stopped
+            .iter()
+            .all(|(_, e)| e.is_some_and(|e| e.success())),
+        "{observed:?}"
+    );
+    eprintln!(
+        "replica counts: {:?}, offsets past the last commit: {behind}",
+        observed.replicas
     );
     operator.stop().await
 }
