@@ -110,6 +110,11 @@ pub async fn replay(
         offsets,
         truncate_sinks: truncate,
     };
+    acceptable(
+        &pipeline.spec,
+        &replay,
+        &format!("{}/{name}", target.namespace),
+    )?;
     // Every field is written, absent ones as null: a merge patch would keep a previous
     // replay's timestamp or offsets otherwise.
     let patch = json!({"spec": {"replay": {
@@ -134,6 +139,32 @@ pub async fn replay(
         namespace: target.namespace.clone(),
         replay,
     })
+}
+
+/// Refuses a replay the operator would refuse (`validate()` of the spec with it), such as
+/// truncating a sink that cannot be emptied, before anything is written.
+fn acceptable(
+    spec: &weir_crds::EventPipelineSpec,
+    replay: &Replay,
+    pipeline: &str,
+) -> Result<(), PluginError> {
+    let mut with = spec.clone();
+    with.replay = Some(replay.clone());
+    let Err(problems) = with.validate() else {
+        return Ok(());
+    };
+    let refused: Vec<String> = problems
+        .iter()
+        .filter(|p| p.path.starts_with("spec.replay"))
+        .map(ToString::to_string)
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(PluginError::Invalid(format!(
+        "EventPipeline {pipeline}: the operator would refuse this replay, so it is not written: {}",
+        refused.join("; ")
+    )))
 }
 
 impl Report for ReplayRequested {
@@ -175,6 +206,29 @@ impl Report for ReplayRequested {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_truncating_a_sink_that_cannot_be_emptied_is_not_written() {
+        let spec: weir_crds::EventPipelineSpec = serde_json::from_value(json!({
+            "source": {"topics": ["in"]},
+            "sinks": [{"kafka": {"topic": "out"}}]
+        }))
+        .expect("spec parses");
+        let mut replay = Replay {
+            token: "t1".into(),
+            to: ReplayTarget::Earliest,
+            timestamp: None,
+            offsets: vec![],
+            truncate_sinks: true,
+        };
+        let refused = acceptable(&spec, &replay, "shop/copy")
+            .expect_err("refused")
+            .to_string();
+        assert!(refused.contains("spec.replay.truncateSinks"), "{refused}");
+        assert!(refused.contains("cannot be truncated"), "{refused}");
+        replay.truncate_sinks = false;
+        assert!(acceptable(&spec, &replay, "shop/copy").is_ok());
+    }
 
     #[test]
     fn replay_targets_parse() {
