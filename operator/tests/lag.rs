@@ -148,8 +148,8 @@ async fn consume_and_commit(
 fn offset_lag(reading: &lag::Reading) -> i64 {
     reading
         .offsets
-        .values()
-        .map(|(c, h)| reading.partition_lag(*c, *h))
+        .iter()
+        .map(|(p, (c, h))| reading.partition_lag(p, *c, *h))
         .sum()
 }
 
@@ -232,5 +232,54 @@ async fn transaction_markers_and_aborted_records_are_not_lag() -> anyhow::Result
         offset_lag(&done) >= 2,
         "each partition ends with a commit marker: {done:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_retention_removed_are_not_lag_before_the_first_commit() -> anyhow::Result<()> {
+    let kafka = TestKafka::shared()?;
+    let topic = kafka.create_topic("lag-retained", 2, &[]).await?;
+    let group = unique_name("lag-retained-group");
+    let topics = vec![topic.clone()];
+    let admin = Admin::new(&kafka.config(), Duration::from_secs(10))?;
+    // Partition 0 small enough to have its records counted, partition 1 counted by offsets.
+    let producer = kafka.producer()?;
+    for (partition, count) in [(0, 300), (1, 2000)] {
+        let sends: Vec<_> = (0..count)
+            .map(|i| {
+                let value = format!("{{\"n\":{i}}}");
+                let producer = producer.clone();
+                let topic = topic.clone();
+                async move {
+                    producer
+                        .send(
+                            FutureRecord::<(), _>::to(&topic)
+                                .partition(partition)
+                                .payload(&value),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .map_err(|(e, _)| anyhow::anyhow!("{e}"))
+                }
+            })
+            .collect();
+        for result in futures::future::join_all(sends).await {
+            result?;
+        }
+    }
+    // What retention would have done: the oldest records gone (DeleteRecords).
+    let mut before = TopicPartitionList::new();
+    before.add_partition_offset(&topic, 0, Offset::Offset(100))?;
+    before.add_partition_offset(&topic, 1, Offset::Offset(500))?;
+    let deleted = kafka
+        .admin()?
+        .delete_records(&before, &rdkafka::admin::AdminOptions::new())
+        .await?;
+    for e in deleted.elements() {
+        anyhow::ensure!(e.error().is_ok(), "{e:?}");
+    }
+    let reading = read(&admin, &group, &topics, StartPosition::Earliest).await?;
+    assert_eq!(reading.lags(), vec![200, 1500]);
+    assert_eq!(reading.total(), 1700);
     Ok(())
 }

@@ -39,6 +39,9 @@ pub struct Reading {
     pub offsets: BTreeMap<Partition, (Option<i64>, i64)>,
     /// Where the group starts on a partition it has not committed on.
     pub start: StartPosition,
+    /// The log start offsets (the oldest retained records) of the partitions without a
+    /// commit, under Earliest: read only then.
+    pub low: BTreeMap<Partition, i64>,
     /// Per partition whose records were counted: the records a `read_committed`
     /// consumer would still receive up to the high watermark.
     pub counted: BTreeMap<Partition, i64>,
@@ -65,8 +68,12 @@ pub async fn read(
             })
             .collect(),
         start,
+        low: BTreeMap::new(),
         counted: BTreeMap::new(),
     };
+    if start == StartPosition::Earliest && reading.offsets.values().any(|(c, _)| c.is_none()) {
+        reading.low = admin.low_watermarks(topics).await?;
+    }
     let ranges = reading.ranges_to_count();
     if !ranges.is_empty() {
         match admin.count_committed(&ranges, COUNT_BYTES).await {
@@ -89,16 +96,22 @@ pub async fn read(
 }
 
 impl Reading {
-    /// Offset lag of one partition: offsets up to the high watermark not yet committed.
-    /// Without a commit, from the start position: everything under Earliest (this counts
-    /// from offset 0: records already removed by retention are counted too, unless the
-    /// partition's records were counted), nothing under Latest.
-    pub fn partition_lag(&self, committed: Option<i64>, high: i64) -> i64 {
+    /// Where the group's consumers read next on a partition: the committed offset, or
+    /// without a commit the start position's (the oldest retained record under
+    /// Earliest; `None` under Latest: nothing of what is there now will be read).
+    fn next_offset(&self, partition: &Partition, committed: Option<i64>) -> Option<i64> {
         match (committed, self.start) {
-            (Some(c), _) => (high - c).max(0),
-            (None, StartPosition::Earliest) => high.max(0),
-            (None, StartPosition::Latest) => 0,
+            (Some(c), _) => Some(c),
+            (None, StartPosition::Earliest) => Some(self.low.get(partition).copied().unwrap_or(0)),
+            (None, StartPosition::Latest) => None,
         }
+    }
+
+    /// Offset lag of one partition: offsets from where the group reads next up to the
+    /// high watermark.
+    pub fn partition_lag(&self, partition: &Partition, committed: Option<i64>, high: i64) -> i64 {
+        self.next_offset(partition, committed)
+            .map_or(0, |next| (high - next).max(0))
     }
 
     /// Lag of one partition: its counted records, else its offset lag.
@@ -106,27 +119,24 @@ impl Reading {
         self.counted
             .get(partition)
             .copied()
-            .unwrap_or_else(|| self.partition_lag(committed, high))
+            .unwrap_or_else(|| self.partition_lag(partition, committed, high))
     }
 
     /// The partitions whose records are worth counting: an offset lag from 1 to
-    /// [`COUNT_BELOW`], from where the group's consumers would start.
+    /// [`COUNT_BELOW`], from where the group's consumers read next.
     fn ranges_to_count(&self) -> Vec<CommittedRange> {
         self.offsets
             .iter()
-            .filter_map(|((topic, partition), (c, h))| {
-                let lag = self.partition_lag(*c, *h);
-                let from = match (c, self.start) {
-                    (Some(c), _) => *c,
-                    (None, StartPosition::Earliest) => 0,
-                    (None, StartPosition::Latest) => return None,
-                };
-                (1..=COUNT_BELOW).contains(&lag).then(|| CommittedRange {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    from,
-                    until: *h,
-                })
+            .filter_map(|(p, (c, h))| {
+                let from = self.next_offset(p, *c)?;
+                (1..=COUNT_BELOW)
+                    .contains(&(h - from))
+                    .then(|| CommittedRange {
+                        topic: p.0.clone(),
+                        partition: p.1,
+                        from,
+                        until: *h,
+                    })
             })
             .collect()
     }
@@ -195,12 +205,12 @@ pub fn rates(before: &Reading, now: &Reading) -> Option<Rates> {
     }
     let mut arrival = 0.0;
     let mut drained = Vec::with_capacity(now.offsets.len());
-    for ((c0, h0), (c1, h1)) in before.offsets.values().zip(now.offsets.values()) {
+    for ((p, (c0, h0)), (c1, h1)) in before.offsets.iter().zip(now.offsets.values()) {
         arrival += (h1 - h0).max(0) as f64 / seconds;
         // Offset lag that went away counts as drained: a first commit, or one past the
         // last (offsets, like the arrival rate: the two are compared).
-        let lag0 = before.partition_lag(*c0, *h0);
-        let lag1 = now.partition_lag(*c1, *h1);
+        let lag0 = before.partition_lag(p, *c0, *h0);
+        let lag1 = now.partition_lag(p, *c1, *h1);
         let consumed = match (c0, c1) {
             (Some(a), Some(b)) => (b - a).max(0),
             _ => (lag0 + (h1 - h0) - lag1).max(0),
@@ -227,6 +237,7 @@ mod tests {
                 .map(|(p, c, h)| (("t".to_owned(), *p), (*c, *h)))
                 .collect(),
             start: StartPosition::Earliest,
+            low: BTreeMap::new(),
             counted: BTreeMap::new(),
         }
     }
@@ -239,6 +250,18 @@ mod tests {
         let mut latest = before.clone();
         latest.start = StartPosition::Latest;
         assert_eq!(latest.lags(), vec![50, 0]);
+        // Retention removed partition 1's first 25 records: those are no lag.
+        let mut retained = before.clone();
+        retained.low.insert(("t".to_owned(), 1), 25);
+        assert_eq!(retained.lags(), vec![50, 15]);
+        assert_eq!(
+            retained
+                .ranges_to_count()
+                .iter()
+                .map(|r| (r.partition, r.from, r.until))
+                .collect::<Vec<_>>(),
+            vec![(0, 100, 150), (1, 25, 40)]
+        );
         let now = reading(
             t0 + Duration::from_secs(2),
             &[(0, Some(140), 170), (1, Some(30), 50)],

@@ -370,13 +370,35 @@ impl Admin {
         &self,
         topics: &[String],
     ) -> Result<BTreeMap<Partition, i64>, AdminError> {
+        // A timestamp of -1 asks for the latest offset.
+        self.list_offsets(topics, Offset::End, "reading the high watermarks")
+            .await
+    }
+
+    /// The log start offset (the oldest record retention kept) of every partition of
+    /// `topics`, in one ListOffsets request per broker.
+    pub async fn low_watermarks(
+        &self,
+        topics: &[String],
+    ) -> Result<BTreeMap<Partition, i64>, AdminError> {
+        // A timestamp of -2 asks for the earliest offset.
+        self.list_offsets(topics, Offset::Beginning, "reading the low watermarks")
+            .await
+    }
+
+    async fn list_offsets(
+        &self,
+        topics: &[String],
+        which: Offset,
+        operation: &'static str,
+    ) -> Result<BTreeMap<Partition, i64>, AdminError> {
         let partitions = self.partitions(topics).await?;
         let mut config = self.config.clone();
         // The high watermark, not the last stable offset of read_committed.
         config.set("isolation.level", "read_uncommitted");
         let observer = self.observer.clone();
         let timeout = self.timeout;
-        self.blocking("reading the high watermarks", move || {
+        self.blocking(operation, move || {
             if partitions.is_empty() {
                 return Ok(BTreeMap::new());
             }
@@ -384,11 +406,10 @@ impl Admin {
             let offsets = {
                 let mut list = TopicPartitionList::new();
                 for (topic, partition) in &partitions {
-                    // A timestamp of -1 asks for the latest offset.
-                    list.add_partition_offset(topic, *partition, Offset::End)?;
+                    list.add_partition_offset(topic, *partition, which)?;
                 }
-                let latest = consumer.offsets_for_times(list, timeout)?;
-                latest
+                let found = consumer.offsets_for_times(list, timeout)?;
+                found
                     .elements()
                     .iter()
                     .filter_map(|e| match e.offset() {
