@@ -203,6 +203,33 @@ async fn status_shows_live_lag_per_partition_and_what_the_operator_wrote() -> an
         )
         .await?;
     }
+    // Then an aborted transaction of 2 records on partition 1: 3 offsets (the records and
+    // the abort marker) that no read_committed consumer receives.
+    let config = f.kafka.config();
+    let topic = f.source.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
+        let timeout = Duration::from_secs(20);
+        let producer: ThreadedProducer<_> = config
+            .clone()
+            .set(
+                "transactional.id",
+                weir_testkit::unique_name("plugin-status-txn"),
+            )
+            .create()?;
+        producer.init_transactions(timeout)?;
+        producer.begin_transaction()?;
+        for i in 0..2 {
+            let value = format!("{{\"aborted\":{i}}}");
+            producer
+                .send(BaseRecord::to(&topic).partition(1).key("k").payload(&value))
+                .map_err(|(e, _)| e)?;
+        }
+        producer.flush(timeout)?;
+        producer.abort_transaction(timeout)?;
+        Ok(())
+    })
+    .await??;
     // The group committed 2 on partition 0 and nothing on partition 1.
     let committed = BTreeMap::from([((f.source.clone(), 0), 2)]);
     f.plugin_kafka()?.commit(&f.group(), &committed).await?;
@@ -229,7 +256,7 @@ async fn status_shows_live_lag_per_partition_and_what_the_operator_wrote() -> an
         .iter()
         .map(|p| (p.partition, p.committed, p.end, p.lag))
         .collect();
-    assert_eq!(lags, vec![(0, Some(2), 5, 3), (1, None, 3, 3)]);
+    assert_eq!(lags, vec![(0, Some(2), 5, 3), (1, None, 6, 3)]);
     assert_eq!(status.lag, 6);
     assert_eq!(status.consumer_group, f.group());
     assert_eq!(status.replicas, Some(2));

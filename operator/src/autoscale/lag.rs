@@ -74,25 +74,35 @@ pub async fn read(
     if start == StartPosition::Earliest && reading.offsets.values().any(|(c, _)| c.is_none()) {
         reading.low = admin.low_watermarks(topics).await?;
     }
-    let ranges = reading.ranges_to_count();
-    if !ranges.is_empty() {
-        match admin.count_committed(&ranges, COUNT_BYTES).await {
-            Ok(counts) => {
-                for range in ranges {
-                    let partition = (range.topic, range.partition);
-                    if let Some(c) = counts.get(&partition) {
-                        reading
-                            .counted
-                            .insert(partition, c.records + (range.until - c.reached));
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::debug!(group, error = %e, "lag counted by offsets: the records could not be read")
-            }
+    reading.counted = count(admin, reading.ranges_to_count()).await;
+    Ok(reading)
+}
+
+/// For each range of 1 to [`COUNT_BELOW`] offsets, the records a `read_committed`
+/// consumer at `from` would still receive up to `until` (what the Fetch did not reach
+/// counted by offsets). A range that could not be read is absent: count it by offsets.
+pub async fn count(admin: &Admin, ranges: Vec<CommittedRange>) -> BTreeMap<Partition, i64> {
+    let ranges: Vec<CommittedRange> = ranges
+        .into_iter()
+        .filter(|r| (1..=COUNT_BELOW).contains(&(r.until - r.from)))
+        .collect();
+    if ranges.is_empty() {
+        return BTreeMap::new();
+    }
+    match admin.count_committed(&ranges, COUNT_BYTES).await {
+        Ok(counts) => ranges
+            .into_iter()
+            .filter_map(|range| {
+                let partition = (range.topic, range.partition);
+                let c = counts.get(&partition)?;
+                Some((partition, c.records + (range.until - c.reached)))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "lag counted by offsets: the records could not be read");
+            BTreeMap::new()
         }
     }
-    Ok(reading)
 }
 
 impl Reading {

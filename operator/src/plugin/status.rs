@@ -1,6 +1,8 @@
 //! `kubectl weir status PIPELINE`: workers, lag per partition read live from Kafka (the
-//! group's committed offsets against the high watermarks), and what the operator wrote
-//! in the status (rates, time to drain, last scale, last replay, conditions).
+//! group's committed offsets against the high watermarks; on a partition with a small
+//! lag, the records a read_committed consumer would still receive, as the operator counts
+//! them), and what the operator wrote in the status (rates, time to drain, last scale,
+//! last replay, conditions).
 
 use std::fmt::Write as _;
 
@@ -10,6 +12,7 @@ use weir_crds::{EventPipeline, ReplayStatus, StartPosition};
 
 use super::table::{Table, or_dash};
 use super::{PluginError, Report, Target};
+use crate::kafka::CommittedRange;
 
 /// A pipeline's state.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -67,7 +70,9 @@ pub struct PartitionLag {
     pub start: i64,
     /// High watermark: the offset the next record gets.
     pub end: i64,
-    /// Records not yet committed (without a commit: from where the group would start).
+    /// Records not yet consumed (without a commit: from where the group would start);
+    /// transaction markers and aborted records are not counted where the lag is small
+    /// enough to read them (see the operator's docs).
     pub lag: i64,
     /// The client id of the member consuming it, when one does.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,12 +88,30 @@ pub async fn status(target: &Target, name: &str) -> Result<PipelineStatus, Plugi
     let marks = kafka.watermarks(&topics).await?;
     let committed = kafka.committed(&group, &topics).await?;
     let info = kafka.groups(Some(&group)).await?.into_iter().next();
+    let ranges = marks
+        .iter()
+        .filter_map(|(p, (start, end))| {
+            let from = match (committed.get(p), pipeline.spec.source.start_position) {
+                (Some(c), _) => *c,
+                (None, StartPosition::Earliest) => *start,
+                (None, StartPosition::Latest) => return None,
+            };
+            Some(CommittedRange {
+                topic: p.0.clone(),
+                partition: p.1,
+                from,
+                until: *end,
+            })
+        })
+        .collect();
+    let counted = crate::autoscale::lag::count(kafka.admin(), ranges).await;
     Ok(assemble(
         &pipeline,
         &target.namespace,
         group,
         &marks,
         &committed,
+        &counted,
         info,
     ))
 }
@@ -99,6 +122,7 @@ fn assemble(
     group: String,
     marks: &std::collections::BTreeMap<super::kafka::Partition, (i64, i64)>,
     committed: &std::collections::BTreeMap<super::kafka::Partition, i64>,
+    counted: &std::collections::BTreeMap<super::kafka::Partition, i64>,
     info: Option<super::kafka::GroupInfo>,
 ) -> PipelineStatus {
     let members = info.as_ref().map_or(&[][..], |g| g.members.as_slice());
@@ -106,11 +130,15 @@ fn assemble(
         .iter()
         .map(|((topic, partition), &(start, end))| {
             let commit = committed.get(&(topic.clone(), *partition)).copied();
-            let lag = match (commit, pipeline.spec.source.start_position) {
+            let offsets = match (commit, pipeline.spec.source.start_position) {
                 (Some(c), _) => (end - c).max(0),
                 (None, StartPosition::Earliest) => end - start,
                 (None, StartPosition::Latest) => 0,
             };
+            let lag = counted
+                .get(&(topic.clone(), *partition))
+                .copied()
+                .unwrap_or(offsets);
             let consumer = members
                 .iter()
                 .find(|m| m.partitions.contains(&(topic.clone(), *partition)))
