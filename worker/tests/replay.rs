@@ -20,54 +20,54 @@ use serde_json::{Value, json};
 use weir_testkit::{TestDatabase, TestKafka, TestMySqlDatabase, unique_name};
 
 /// A database of either kind, asked the same questions.
-enum Db {
+enum Database {
     Postgres(TestDatabase),
     MariaDb(TestMySqlDatabase),
     /// A file in the test's directory, and its URL.
     Sqlite(sqlx::SqlitePool, String),
 }
 
-impl Db {
-    async fn postgres() -> anyhow::Result<Db> {
-        Ok(Db::Postgres(TestDatabase::create().await?))
+impl Database {
+    async fn postgres() -> anyhow::Result<Database> {
+        Ok(Database::Postgres(TestDatabase::create().await?))
     }
 
-    async fn mariadb() -> anyhow::Result<Db> {
-        Ok(Db::MariaDb(TestMySqlDatabase::create().await?))
+    async fn mariadb() -> anyhow::Result<Database> {
+        Ok(Database::MariaDb(TestMySqlDatabase::create().await?))
     }
 
-    async fn sqlite(dir: &Path) -> anyhow::Result<Db> {
+    async fn sqlite(dir: &Path) -> anyhow::Result<Database> {
         let url = format!("sqlite://{}", dir.join("sink.db").display());
         let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc")).await?;
-        Ok(Db::Sqlite(pool, url))
+        Ok(Database::Sqlite(pool, url))
     }
 
     fn kind(&self) -> &'static str {
         match self {
-            Db::Postgres(_) => "postgres",
-            Db::MariaDb(_) => "mysql",
-            Db::Sqlite(..) => "sqlite",
+            Database::Postgres(_) => "postgres",
+            Database::MariaDb(_) => "mysql",
+            Database::Sqlite(..) => "sqlite",
         }
     }
 
     fn url(&self) -> &str {
         match self {
-            Db::Postgres(db) => &db.url,
-            Db::MariaDb(db) => &db.url,
-            Db::Sqlite(_, url) => url,
+            Database::Postgres(db) => &db.url,
+            Database::MariaDb(db) => &db.url,
+            Database::Sqlite(_, url) => url,
         }
     }
 
     async fn execute(&self, sql: &str) -> anyhow::Result<()> {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         match self {
-            Db::Postgres(db) => {
+            Database::Postgres(db) => {
                 sqlx::query(sql).execute(&db.pool).await?;
             }
-            Db::MariaDb(db) => {
+            Database::MariaDb(db) => {
                 sqlx::query(sql).execute(&db.pool).await?;
             }
-            Db::Sqlite(pool, _) => {
+            Database::Sqlite(pool, _) => {
                 sqlx::query(sql).execute(pool).await?;
             }
         }
@@ -77,17 +77,17 @@ impl Db {
     async fn count(&self, sql: &str) -> anyhow::Result<i64> {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         Ok(match self {
-            Db::Postgres(db) => {
+            Database::Postgres(db) => {
                 sqlx::query_scalar::<_, i64>(sql)
                     .fetch_one(&db.pool)
                     .await?
             }
-            Db::MariaDb(db) => {
+            Database::MariaDb(db) => {
                 sqlx::query_scalar::<_, i64>(sql)
                     .fetch_one(&db.pool)
                     .await?
             }
-            Db::Sqlite(pool, _) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
+            Database::Sqlite(pool, _) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?,
         })
     }
 
@@ -140,7 +140,7 @@ fn todos(n: i64) -> Vec<(String, Vec<u8>)> {
 
 /// An upsert of each event by id, with idempotency keys (so a replay that did not forget
 /// them would skip every replayed event as applied).
-fn upsert_pipeline(db: &Db, name: &str, topic: &str, group: &str) -> Value {
+fn upsert_pipeline(db: &Database, name: &str, topic: &str, group: &str) -> Value {
     pipeline(
         name,
         json!({
@@ -158,7 +158,7 @@ fn upsert_pipeline(db: &Db, name: &str, topic: &str, group: &str) -> Value {
 fn start(
     dir: &Path,
     kafka: &TestKafka,
-    db: &Db,
+    db: &Database,
     pipeline: &Value,
     replay: &[&str],
 ) -> anyhow::Result<Worker> {
@@ -173,7 +173,7 @@ fn replay_lines(log: &str) -> (usize, usize) {
     )
 }
 
-async fn truncates_once_per_token(db: Db, dir: tempfile::TempDir) -> anyhow::Result<()> {
+async fn truncates_once_per_token(db: Database, dir: tempfile::TempDir) -> anyhow::Result<()> {
     const N: i64 = 120;
     let kafka = kafka().await?;
     let topic = kafka.create_topic("todo-events", 3, &[]).await?;
@@ -233,7 +233,7 @@ async fn truncates_once_per_token(db: Db, dir: tempfile::TempDir) -> anyhow::Res
     worker.stop()?;
     assert_eq!(replay_lines(&worker.log_text()), (0, 1));
 
-    if matches!(db, Db::Sqlite(..)) {
+    if matches!(db, Database::Sqlite(..)) {
         // One writer only (maxReplicas: 1): no second worker.
         return Ok(());
     }
@@ -273,24 +273,27 @@ async fn truncates_once_per_token(db: Db, dir: tempfile::TempDir) -> anyhow::Res
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_a_replay_token_truncates_once_however_many_workers_start_with_it()
 -> anyhow::Result<()> {
-    truncates_once_per_token(Db::postgres().await?, tempfile::tempdir()?).await
+    truncates_once_per_token(Database::postgres().await?, tempfile::tempdir()?).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mariadb_a_replay_token_truncates_once_however_many_workers_start_with_it()
 -> anyhow::Result<()> {
-    truncates_once_per_token(Db::mariadb().await?, tempfile::tempdir()?).await
+    truncates_once_per_token(Database::mariadb().await?, tempfile::tempdir()?).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_a_replay_token_truncates_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    truncates_once_per_token(Db::sqlite(dir.path()).await?, dir).await
+    truncates_once_per_token(Database::sqlite(dir.path()).await?, dir).await
 }
 
 /// Exactly-once keeps the offsets with the rows and resumes from them, not from the group:
 /// the replay forgets them, so every event is written again from the reset position.
-async fn exactly_once_replay_rewrites_every_event(db: Db, truncate: bool) -> anyhow::Result<()> {
+async fn exactly_once_replay_rewrites_every_event(
+    db: Database,
+    truncate: bool,
+) -> anyhow::Result<()> {
     const N: i64 = 300;
     let kafka = kafka().await?;
     let dir = tempfile::tempdir()?;
@@ -353,13 +356,13 @@ async fn exactly_once_replay_rewrites_every_event(db: Db, truncate: bool) -> any
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_exactly_once_replayed_to_earliest_writes_every_event_again() -> anyhow::Result<()>
 {
-    exactly_once_replay_rewrites_every_event(Db::postgres().await?, false).await
+    exactly_once_replay_rewrites_every_event(Database::postgres().await?, false).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mariadb_exactly_once_replayed_to_earliest_with_truncate_writes_every_event_once()
 -> anyhow::Result<()> {
-    exactly_once_replay_rewrites_every_event(Db::mariadb().await?, true).await
+    exactly_once_replay_rewrites_every_event(Database::mariadb().await?, true).await
 }
 
 /// `--replay-truncate` with a sink that cannot be emptied is refused before anything runs
