@@ -2,7 +2,8 @@
 //! while a consumer drains part of it and commits; between two readings the lag, the
 //! arrival rate and the drain rate are what the test counted itself (within 10 %; the
 //! counts are exact, so they match to the record). On a topic written in transactions the
-//! lag is what a read_committed consumer still receives: no markers, no aborted records.
+//! lag is what a read_committed consumer still receives: no markers, no aborted records,
+//! over the plaintext, SASL_SSL (SCRAM) and mutual-TLS listeners alike.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -144,6 +145,30 @@ async fn consume_and_commit(
     Ok(values)
 }
 
+/// Admins over the broker's secured listeners: SASL_SSL with SCRAM-SHA-512 and the CA,
+/// and mutual TLS (the counting Fetch goes over the same settings as the offsets).
+fn secured_admins(kafka: &TestKafka) -> anyhow::Result<Vec<(&'static str, Admin)>> {
+    let s = kafka.security()?;
+    let mut scram = rdkafka::ClientConfig::new();
+    scram
+        .set("bootstrap.servers", &s.sasl_ssl)
+        .set("security.protocol", "SASL_SSL")
+        .set("sasl.mechanism", "SCRAM-SHA-512")
+        .set("sasl.username", &s.scram_user)
+        .set("sasl.password", &s.scram_password)
+        .set("ssl.ca.pem", &s.ca_pem);
+    let mut mtls = rdkafka::ClientConfig::new();
+    mtls.set("bootstrap.servers", &s.ssl)
+        .set("security.protocol", "SSL")
+        .set("ssl.ca.pem", &s.ca_pem)
+        .set("ssl.certificate.pem", &s.client_cert_pem)
+        .set("ssl.key.pem", &s.client_key_pem);
+    Ok(vec![
+        ("SASL_SSL", Admin::new(&scram, Duration::from_secs(10))?),
+        ("mutual TLS", Admin::new(&mtls, Duration::from_secs(10))?),
+    ])
+}
+
 /// The offset difference the reader would report without counting records.
 fn offset_lag(reading: &lag::Reading) -> i64 {
     reading
@@ -197,6 +222,12 @@ async fn transaction_markers_and_aborted_records_are_not_lag() -> anyhow::Result
     // No commit yet, Earliest: every committed record, from offset 0.
     let first = read(&admin, &group, &topics, StartPosition::Earliest).await?;
     assert_eq!(first.total(), committed as i64);
+    let secured = secured_admins(&kafka)?;
+    for (listener, admin) in &secured {
+        let reading = read(admin, &group, &topics, StartPosition::Earliest).await?;
+        assert_eq!(reading.total(), committed as i64, "over {listener}");
+        assert_eq!(reading.counted.len(), 2, "over {listener}: {reading:?}");
+    }
     assert_eq!(
         offset_lag(&first),
         (transactions * per_transaction + 2 * transactions) as i64,
@@ -228,6 +259,10 @@ async fn transaction_markers_and_aborted_records_are_not_lag() -> anyhow::Result
     let done = read(&admin, &group, &topics, StartPosition::Earliest).await?;
     assert_eq!(done.total(), 0, "{done:?}");
     assert_eq!(done.lags(), vec![0, 0]);
+    for (listener, admin) in &secured {
+        let reading = read(admin, &group, &topics, StartPosition::Earliest).await?;
+        assert_eq!(reading.lags(), vec![0, 0], "over {listener}: {reading:?}");
+    }
     assert!(
         offset_lag(&done) >= 2,
         "each partition ends with a commit marker: {done:?}"
