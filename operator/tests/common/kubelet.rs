@@ -55,6 +55,8 @@ pub struct Observed {
 
 /// The running stand-in; stops every process when stopped or dropped.
 pub struct Kubelet {
+    /// What [`Observed`]'s times count from.
+    pub since: Instant,
     observed: Arc<Mutex<Observed>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -77,6 +79,7 @@ impl Kubelet {
         std::fs::create_dir_all(&logs)?;
         let observed = Arc::new(Mutex::new(Observed::default()));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let since = Instant::now();
         let mut node = Node {
             client,
             namespace: namespace.to_owned(),
@@ -86,7 +89,7 @@ impl Kubelet {
             logs: logs.clone(),
             pods: Vec::new(),
             started: 0,
-            since: Instant::now(),
+            since,
             observed: observed.clone(),
             last_status: None,
         };
@@ -103,6 +106,7 @@ impl Kubelet {
             node.stop_all().await;
         });
         Ok(Kubelet {
+            since,
             observed,
             stop: Some(stop),
             task: Some(task),
