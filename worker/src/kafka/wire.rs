@@ -1,10 +1,11 @@
 //! The admin requests librdkafka does not offer to Rust — IncrementalAlterConfigs, a
 //! topic's id from Metadata, and a `read_committed` Fetch whose record batches are counted
 //! (not delivered) for the lag reader — spoken over Kafka's wire protocol (the
-//! `kafka-protocol` crate's messages) on a connection of its own, made from the same librdkafka properties
-//! [`client_config`](super::client_config) gives every other client: plaintext or TLS
-//! (a CA, or the system's roots; mutual TLS with a client certificate and key), SASL
-//! PLAIN or SCRAM-SHA-256/512. The connection lasts one call; the operator alters configs
+//! `kafka-protocol` crate's messages) on a connection of its own, made from the same
+//! librdkafka properties [`client_config`](super::client_config) gives every other
+//! client: plaintext or TLS (a CA, or the system's roots; mutual TLS with a client
+//! certificate and key), SASL PLAIN or SCRAM-SHA-256/512. The connection lasts one call
+//! (a count connects to each partition leader in turn); the operator alters configs
 //! only when a topic changes, and counts records only on partitions with a small lag.
 
 use std::collections::BTreeMap;
@@ -430,7 +431,15 @@ impl Wire {
             let brokers: BTreeMap<i32, String> = metadata
                 .brokers
                 .iter()
-                .map(|b| (b.node_id.0, format!("{}:{}", b.host, b.port)))
+                .map(|b| {
+                    let host = b.host.as_str();
+                    let address = if host.contains(':') {
+                        format!("[{host}]:{}", b.port)
+                    } else {
+                        format!("{host}:{}", b.port)
+                    };
+                    (b.node_id.0, address)
+                })
                 .collect();
             let mut leaders: BTreeMap<(String, i32), i32> = BTreeMap::new();
             for topic in &metadata.topics {
