@@ -320,6 +320,69 @@ async fn kafka_exactly_once_zombie_is_fenced_and_writes_nothing_visible() -> any
     Ok(())
 }
 
+/// A record the output topic refuses for itself (over its `max.message.bytes`, which the
+/// broker checks per produce request): the broker refuses the whole request, so what it
+/// refused is sent again record by record and only the record refused alone is
+/// dead-lettered. Every other record is copied once and the input is consumed to its end.
+async fn dead_letters_only_the_record_the_broker_refuses(delivery: &str) -> anyhow::Result<()> {
+    const TOTAL: i64 = 30;
+    let kafka = kafka().await?;
+    let input = kafka.create_topic("k-large-in", 1, &[]).await?;
+    let output = kafka
+        .create_topic("k-large-out", 1, &[("max.message.bytes", "2000")])
+        .await?;
+    let dead_letter = kafka.create_topic("k-large-dlq", 1, &[]).await?;
+    let mut records = events(0..TOTAL);
+    records[7].1 = format!("{{\"id\": 7, \"pad\": \"{}\"}}", "x".repeat(5000)).into_bytes();
+    produce(&kafka, &input, &records).await?;
+    let group = unique_name("k-large");
+    let mut doc = exactly_once_pipeline(
+        "k-large",
+        &input,
+        &output,
+        json!({"maxRecords": 1000, "maxWait": "100ms"}),
+    );
+    doc["spec"]["delivery"] = json!(delivery);
+    doc["spec"]["deadLetter"]["topic"] = json!(dead_letter);
+    doc["spec"]["source"]["consumerGroup"] = json!(group);
+    let dir = tempfile::tempdir()?;
+    let mut worker = start_with_args(dir.path(), &kafka, &doc, &[], &[])?;
+    wait_committed_async(&kafka, &group, &input, TOTAL)
+        .await
+        .with_context(|| worker.log_text())?;
+    let out = tokio::task::spawn_blocking({
+        let (kafka, output) = (kafka.clone(), output.clone());
+        move || read_committed(&kafka, &output, TOTAL as usize - 1)
+    })
+    .await?
+    .with_context(|| worker.log_text())?;
+    let mut ids: Vec<i64> = out.iter().filter_map(|o| o.value["id"].as_i64()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..TOTAL).filter(|i| *i != 7).collect::<Vec<_>>());
+    let dead = tokio::task::spawn_blocking({
+        let kafka = kafka.clone();
+        move || common::read_topic(&kafka, &dead_letter, 1)
+    })
+    .await??;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0.as_deref(), Some(&records[7].1[..]));
+    assert_eq!(
+        dead[0].1.get("weir.error.class").map(String::as_str),
+        Some("permanent"),
+        "{:?}",
+        dead[0].1
+    );
+    assert!(worker.is_running(), "{}", worker.log_text());
+    worker.stop()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_at_least_once_dead_letters_only_the_record_the_broker_refuses() -> anyhow::Result<()>
+{
+    dead_letters_only_the_record_the_broker_refuses("AtLeastOnce").await
+}
+
 /// examples/todo-projection.yaml's analytics fan-out as shipped (exactly-once into a
 /// topic), on the sample todo events: a read_committed reader sees each event once, in
 /// the shape the pipeline's value expression gives, keyed by the user.

@@ -5,7 +5,7 @@
 //! the records and the consumed offsets (`send_offsets_to_transaction` with the consumer's
 //! group metadata), and any failure aborts it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -198,15 +198,21 @@ impl KafkaSink {
         })
     }
 
-    /// Sends every record and waits for every acknowledgement. Records the broker refuses
-    /// for themselves (too large) are returned; any other failure fails the whole write.
-    async fn send_all(&self, records: Vec<Outgoing>) -> Result<Vec<Rejected>, SinkError> {
+    /// Sends every record and waits for every acknowledgement; the records in `singly`
+    /// last, each alone (its acknowledgement awaited before the next is sent, so it is a
+    /// produce request of its own).
+    async fn send_all(
+        &self,
+        records: Vec<Outgoing>,
+        singly: &HashSet<usize>,
+    ) -> Result<Sent, SinkError> {
         let producer = self.producer()?;
+        let (alone, batched): (Vec<Outgoing>, Vec<Outgoing>) =
+            records.into_iter().partition(|r| singly.contains(&r.index));
         let mut pending: std::collections::VecDeque<(usize, DeliveryFuture)> =
-            std::collections::VecDeque::with_capacity(records.len());
-        let mut rejected = Vec::new();
-        let mut failure: Option<SinkError> = None;
-        for record in records {
+            std::collections::VecDeque::with_capacity(batched.len());
+        let mut sent = Sent::default();
+        for record in batched.into_iter().chain(alone) {
             loop {
                 let mut message = FutureRecord::to(&self.topic).headers(record.headers.clone());
                 if let Some(key) = &record.key {
@@ -223,35 +229,36 @@ impl KafkaSink {
                     // The producer's queue is full: wait for the oldest record, then retry.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         match pending.pop_front() {
-                            Some((index, delivery)) => {
-                                settle(index, delivery.await, &mut rejected, &mut failure)
-                            }
+                            Some((index, delivery)) => sent.settle(index, delivery.await),
                             None => tokio::task::yield_now().await,
                         }
                     }
                     Err((e, _)) => {
                         match classify(&e) {
-                            ErrorClass::Permanent => rejected.push(Rejected {
+                            ErrorClass::Permanent => sent.before_sending.push(Rejected {
                                 index: record.index,
                                 class: ErrorClass::Permanent,
                                 reason: format!("topic {}: {e}", self.topic),
                             }),
                             class => {
-                                failure.get_or_insert(SinkError::new(class, e.to_string()));
+                                sent.failure
+                                    .get_or_insert(SinkError::new(class, e.to_string()));
                             }
                         }
                         break;
                     }
                 }
             }
+            if singly.contains(&record.index) {
+                while let Some((index, delivery)) = pending.pop_front() {
+                    sent.settle(index, delivery.await);
+                }
+            }
         }
         for (index, delivery) in pending {
-            settle(index, delivery.await, &mut rejected, &mut failure);
+            sent.settle(index, delivery.await);
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(rejected),
-        }
+        Ok(sent)
     }
 
     /// One transaction: begin, send, dead-letter what was refused, send the offsets,
@@ -268,23 +275,12 @@ impl KafkaSink {
         blocking(|| producer.begin_transaction()).map_err(transaction_error)?;
         match self.in_transaction(producer, input, tx, metadata).await {
             Ok(written) => Ok(written),
-            // Aborted whatever the failure, so readers never wait on it (a producer fenced
-            // by its id cannot abort: the broker aborted it already).
-            Err(e) => {
-                if let Err(abort) = blocking(|| producer.abort_transaction(TRANSACTION_TIMEOUT)) {
-                    tracing::warn!(error = %abort, "aborting the transaction failed");
-                    if let CommitError::Fenced(_) = transaction_error(abort) {
-                        return Err(match e {
-                            CommitError::Fenced(_) => e,
-                            other => CommitError::Fenced(other.to_string()),
-                        });
-                    }
-                }
-                Err(e)
-            }
+            Err(e) => Err(abort(producer, e)),
         }
     }
 
+    /// Sends the batch, dead-letters what was refused before sending, sends the offsets and
+    /// commits, inside the open transaction.
     async fn in_transaction(
         &self,
         producer: &FutureProducer<Observer>,
@@ -293,21 +289,38 @@ impl KafkaSink {
         metadata: &ConsumerGroupMetadata,
     ) -> Result<Written, CommitError> {
         let (records, mut rejected) = self.outgoing(input);
-        match self.send_all(records).await {
-            Ok(refused) => rejected.extend(refused),
-            // A record that failed in a transaction makes it abortable: the batch is tried
-            // again in a new one.
-            Err(e) => {
-                return Err(CommitError::Sink(SinkError::new(
-                    match e.class {
-                        ErrorClass::Fatal => ErrorClass::Fatal,
-                        ErrorClass::Unavailable => ErrorClass::Unavailable,
-                        _ => ErrorClass::Transient,
-                    },
-                    e.message,
-                )));
-            }
+        // A record that failed in a transaction makes it abortable: the batch is tried
+        // again in a new one.
+        let retried = |e: SinkError| {
+            CommitError::Sink(SinkError::new(
+                match e.class {
+                    ErrorClass::Fatal => ErrorClass::Fatal,
+                    ErrorClass::Unavailable => ErrorClass::Unavailable,
+                    _ => ErrorClass::Transient,
+                },
+                e.message,
+            ))
+        };
+        let sent = self
+            .send_all(records, &HashSet::new())
+            .await
+            .map_err(retried)?;
+        // A record the broker refused leaves the transaction unable to commit: it is
+        // aborted and the batch tried again (the record is not dead-lettered: see
+        // docs/worker.md).
+        if let Some(e) = sent.failure {
+            return Err(retried(e));
         }
+        if let Some(refused) = sent.by_broker.first() {
+            return Err(retried(SinkError::new(
+                ErrorClass::Transient,
+                format!(
+                    "the broker refused a record of the transaction ({}): it is aborted",
+                    refused.reason
+                ),
+            )));
+        }
+        rejected.extend(sent.before_sending);
         rejected.sort_by_key(|r| r.index);
         tx.before_commit.dead_letter(&rejected).await?;
         let offsets = tx.offsets.to_list();
@@ -318,6 +331,65 @@ impl KafkaSink {
             rejected,
             skipped: 0,
         })
+    }
+}
+
+/// Aborts the open transaction whatever the failure, so readers never wait on it, and
+/// returns the failure; fencing when the abort finds the producer fenced (a producer fenced
+/// by its id cannot abort: the broker aborted it already).
+fn abort(producer: &FutureProducer<Observer>, cause: CommitError) -> CommitError {
+    if let Err(abort) = blocking(|| producer.abort_transaction(TRANSACTION_TIMEOUT)) {
+        tracing::warn!(error = %abort, "aborting the transaction failed");
+        if let CommitError::Fenced(_) = transaction_error(abort) {
+            return match cause {
+                CommitError::Fenced(_) => cause,
+                other => CommitError::Fenced(other.to_string()),
+            };
+        }
+    }
+    cause
+}
+
+/// What a batch's sending left: records refused before they were sent (librdkafka's own
+/// checks: they never reach a transaction), records the broker refused, and the first
+/// other failure.
+#[derive(Default)]
+struct Sent {
+    before_sending: Vec<Rejected>,
+    by_broker: Vec<Rejected>,
+    failure: Option<SinkError>,
+}
+
+impl Sent {
+    /// Adds one acknowledgement's outcome.
+    fn settle(
+        &mut self,
+        index: usize,
+        delivered: Result<
+            rdkafka::producer::future_producer::OwnedDeliveryResult,
+            futures::channel::oneshot::Canceled,
+        >,
+    ) {
+        match delivered {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => match classify(&e) {
+                ErrorClass::Permanent => self.by_broker.push(Rejected {
+                    index,
+                    class: ErrorClass::Permanent,
+                    reason: e.to_string(),
+                }),
+                class => {
+                    self.failure
+                        .get_or_insert(SinkError::new(class, e.to_string()));
+                }
+            },
+            Err(_) => {
+                self.failure.get_or_insert(SinkError::new(
+                    ErrorClass::Transient,
+                    "the producer dropped a record before its acknowledgement",
+                ));
+            }
+        }
     }
 }
 
@@ -372,7 +444,31 @@ impl Sink for KafkaSink {
                 ));
             }
             let (records, mut rejected) = self.outgoing(input);
-            rejected.extend(self.send_all(records).await?);
+            let sent = self.send_all(records, &HashSet::new()).await?;
+            if let Some(e) = sent.failure {
+                return Err(e);
+            }
+            rejected.extend(sent.before_sending);
+            // The broker refuses a whole produce request over the topic's
+            // max.message.bytes: what it refused is sent again record by record, and only
+            // a record refused alone is dead-lettered.
+            if sent.by_broker.len() > 1 {
+                let again: HashSet<usize> = sent.by_broker.iter().map(|r| r.index).collect();
+                let refused: Vec<WriteInput<'_>> = input
+                    .iter()
+                    .filter(|i| again.contains(&i.index))
+                    .copied()
+                    .collect();
+                let (records, _) = self.outgoing(&refused);
+                let alone = self.send_all(records, &again).await?;
+                if let Some(e) = alone.failure {
+                    return Err(e);
+                }
+                rejected.extend(alone.before_sending);
+                rejected.extend(alone.by_broker);
+            } else {
+                rejected.extend(sent.by_broker);
+            }
             rejected.sort_by_key(|r| r.index);
             Ok(Written {
                 rejected,
@@ -469,37 +565,6 @@ fn blocking<T>(call: impl FnOnce() -> T) -> T {
             tokio::task::block_in_place(call)
         }
         _ => call(),
-    }
-}
-
-/// Adds one acknowledgement's outcome.
-fn settle(
-    index: usize,
-    delivered: Result<
-        rdkafka::producer::future_producer::OwnedDeliveryResult,
-        futures::channel::oneshot::Canceled,
-    >,
-    rejected: &mut Vec<Rejected>,
-    failure: &mut Option<SinkError>,
-) {
-    match delivered {
-        Ok(Ok(_)) => {}
-        Ok(Err((e, _))) => match classify(&e) {
-            ErrorClass::Permanent => rejected.push(Rejected {
-                index,
-                class: ErrorClass::Permanent,
-                reason: e.to_string(),
-            }),
-            class => {
-                failure.get_or_insert(SinkError::new(class, e.to_string()));
-            }
-        },
-        Err(_) => {
-            failure.get_or_insert(SinkError::new(
-                ErrorClass::Transient,
-                "the producer dropped a record before its acknowledgement",
-            ));
-        }
     }
 }
 
