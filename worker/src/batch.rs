@@ -1,6 +1,6 @@
-//! Batches close on max records, max bytes or max wait, whichever comes first; with
-//! `batch.compaction: LastWriteWins`, [`last_write_wins`] keeps only each key's last event
-//! of a batch.
+//! Batches close on max records, max bytes or max wait, whichever comes first. With
+//! `batch.compaction: LastWriteWins` a batch is a chunk of records read, folded into a
+//! [`crate::compaction::Window`] as soon as it is full.
 
 use std::time::Duration;
 
@@ -67,6 +67,11 @@ impl<T: Batched> Batch<T> {
         self.records.len() >= self.limits.max_records || self.bytes >= self.limits.max_bytes
     }
 
+    /// When the oldest record was taken; `None` while empty.
+    pub fn opened(&self) -> Option<Instant> {
+        self.opened
+    }
+
     /// When the oldest record's wait runs out; `None` while empty.
     pub fn deadline(&self) -> Option<Instant> {
         self.opened.map(|opened| opened + self.limits.max_wait)
@@ -95,37 +100,6 @@ impl<T: Batched> Batch<T> {
         self.opened = None;
         std::mem::take(&mut self.records)
     }
-}
-
-/// `batch.compaction: LastWriteWins`: of the events of one record key in a batch, only the
-/// last is written; the earlier ones become "nothing to write" (their offsets are
-/// acknowledged with the batch). Only an event that will be written supersedes: a later
-/// record the filter dropped, or one that failed and goes to the dead-letter topic, leaves
-/// the earlier events as they are, so an upsert table ends as the uncompacted run leaves
-/// it. Records without a key are all written. Returns how many events were dropped.
-pub fn last_write_wins(prepared: &mut [crate::shards::Prepared]) -> usize {
-    let mut last: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
-    for (i, p) in prepared.iter().enumerate() {
-        if let (Some(key), Ok(Some(_))) = (p.record.key.as_deref(), &p.event) {
-            last.insert(key, i);
-        }
-    }
-    let superseded: Vec<usize> = prepared
-        .iter()
-        .enumerate()
-        .filter(|(i, p)| {
-            matches!(p.event, Ok(Some(_)))
-                && p.record
-                    .key
-                    .as_deref()
-                    .is_some_and(|key| last.get(key).is_some_and(|l| l != i))
-        })
-        .map(|(i, _)| i)
-        .collect();
-    for &i in &superseded {
-        prepared[i].event = Ok(None);
-    }
-    superseded.len()
 }
 
 #[cfg(test)]
@@ -196,46 +170,5 @@ mod tests {
             .map(|r| (r.partition, r.offset))
             .collect();
         assert_eq!(kept, vec![(0, 0), (0, 1)]);
-    }
-
-    fn prepared(
-        key: Option<&str>,
-        offset: i64,
-        event: Result<Option<i64>, &str>,
-    ) -> crate::shards::Prepared {
-        let mut record = record(0, offset, 1);
-        record.key = key.map(|k| k.as_bytes().to_vec());
-        crate::shards::Prepared {
-            record,
-            event: event
-                .map(|e| e.map(|v| serde_json::json!({"v": v})))
-                .map_err(str::to_owned),
-        }
-    }
-
-    #[test]
-    fn last_write_wins_keeps_each_keys_last_written_event() {
-        let mut batch = vec![
-            prepared(Some("a"), 0, Ok(Some(1))),
-            prepared(Some("b"), 1, Ok(Some(1))),
-            prepared(Some("a"), 2, Ok(Some(2))),
-            // Filtered out: a's version 2 stays the one written.
-            prepared(Some("a"), 3, Ok(None)),
-            // Fails (dead-lettered): b's version 1 stays written.
-            prepared(Some("b"), 4, Err("bad")),
-            prepared(None, 5, Ok(Some(1))),
-            prepared(None, 6, Ok(Some(2))),
-        ];
-        assert_eq!(last_write_wins(&mut batch), 1);
-        let written: Vec<i64> = batch
-            .iter()
-            .filter(|p| matches!(p.event, Ok(Some(_))))
-            .map(|p| p.record.offset)
-            .collect();
-        assert_eq!(written, vec![1, 2, 5, 6]);
-        assert!(
-            batch[4].event.is_err(),
-            "a failure still goes to the dead-letter topic"
-        );
     }
 }

@@ -23,6 +23,7 @@ use weir_crds::Compaction;
 
 use crate::batch::{Batch, Limits};
 use crate::commit::{self, BeforeCommit, Commit, CommitError, Offsets, Positions, Transaction};
+use crate::compaction::{Closed, Window};
 use crate::config::WorkerConfig;
 use crate::dead_letter::{DeadLetter, Failure};
 use crate::metrics::{Metrics, SinkCounters};
@@ -32,6 +33,12 @@ use crate::shards::{Prepared, Shards};
 use crate::sink::{Rejected, Sink, SinkError, WriteInput};
 use crate::source::{self, Consumer, Revocations};
 use crate::transform::Transformer;
+
+/// With compaction: most records read into a window at a time (each chunk is prepared on
+/// every core, then folded), and most of its events in one write.
+const CHUNK: usize = 1000;
+/// With compaction: most bytes read into a window at a time.
+const CHUNK_BYTES: usize = 1 << 20;
 
 /// Why the engine stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +81,10 @@ pub struct Engine {
     /// The batch being written, which hands the writer back.
     in_flight: Option<JoinHandle<(Writer, Result<(), EngineError>)>>,
     batch: Batch,
+    /// With `batch.compaction: LastWriteWins`: the window `batch`'s chunks are folded into.
+    window: Option<Window>,
+    /// With compaction: the bytes the window being written still keeps.
+    writing: Arc<std::sync::atomic::AtomicUsize>,
     shards: Shards,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -148,6 +159,20 @@ impl Engine {
             max_bytes: batch.max_bytes.max(1) as usize,
             max_wait: batch.max_wait.parse().map_err(EngineError::Setup)?,
         };
+        // With compaction the batch limits are the window's; records are read and folded
+        // into it in chunks of at most CHUNK records (or the window's size), and written
+        // back in chunks of the same size.
+        let (window, limits) = match batch.compaction {
+            Compaction::LastWriteWins => (
+                Some(Window::new(limits)),
+                Limits {
+                    max_records: limits.max_records.min(CHUNK),
+                    max_bytes: limits.max_bytes.min(CHUNK_BYTES),
+                    ..limits
+                },
+            ),
+            Compaction::None => (None, limits),
+        };
         let decode = transformer.reads_event()
             || sinks.iter().any(|slot: &SinkSlot| slot.sink.reads_event());
         let shards = Shards::new(
@@ -173,6 +198,8 @@ impl Engine {
             metrics: metrics.clone(),
             consumer: consumer.clone(),
             commit,
+            chunk: limits.max_records,
+            shards: shards.clone(),
         };
         Ok(Self {
             config,
@@ -182,6 +209,8 @@ impl Engine {
             writer: Some(writer),
             in_flight: None,
             batch: Batch::new(limits),
+            window,
+            writing: Arc::default(),
             shards,
             metrics,
             shutdown,
@@ -269,7 +298,10 @@ impl Engine {
             if *self.shutdown.borrow() {
                 return Ok(());
             }
-            let deadline = self.batch.deadline();
+            let deadline = match (self.batch.deadline(), self.window.as_ref()) {
+                (batch, Some(window)) => window.deadline().or(batch),
+                (batch, None) => batch,
+            };
             let mut shutdown = self.shutdown.clone();
             tokio::select! {
                 biased;
@@ -299,7 +331,7 @@ impl Engine {
                     }
                     self.forget_revoked();
                     if self.batch.is_full() {
-                        self.flush().await?;
+                        self.batch_full().await?;
                     }
                 }
             }
@@ -435,7 +467,11 @@ impl Engine {
         }
         let revoked = self.revocations.take();
         if !revoked.is_empty() {
-            let dropped = self.batch.forget_partitions(&revoked);
+            let dropped = self.batch.forget_partitions(&revoked)
+                + self
+                    .window
+                    .as_mut()
+                    .map_or(0, |w| w.forget_partitions(&revoked));
             if dropped > 0 {
                 tracing::info!(
                     dropped,
@@ -445,10 +481,88 @@ impl Engine {
         }
     }
 
+    /// The batch is full: written, or with compaction folded into the window, which is
+    /// written once it is full.
+    async fn batch_full(&mut self) -> Result<(), EngineError> {
+        if self.window.is_none() {
+            return self.flush().await;
+        }
+        self.fold().await?;
+        let Some(window) = self.window.as_ref() else {
+            return Ok(());
+        };
+        // The window being written and this one keep `batch.maxBytes` at most together:
+        // at that, this one closes and is written once the other is.
+        let writing = self.writing.load(std::sync::atomic::Ordering::Relaxed);
+        if window.is_full() || window.bytes() + writing >= window.max_bytes() {
+            return self.flush().await;
+        }
+        Ok(())
+    }
+
+    /// With compaction: prepares the batch's records (on every core) and folds them into
+    /// the window.
+    async fn fold(&mut self) -> Result<(), EngineError> {
+        let opened = self.batch.opened();
+        let records = self.batch.take();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let prepared = self
+            .shards
+            .prepare_compact(records)
+            .await
+            .map_err(|e| EngineError::Setup(format!("preparing the batch failed: {e}")))?;
+        if let Some(window) = self.window.as_mut() {
+            window.fold(prepared, opened);
+        }
+        Ok(())
+    }
+
+    /// With compaction: folds what is read and hands the window to the writer once the
+    /// previous one is written; the engine goes back to reading while it is written.
+    async fn flush_window(&mut self) -> Result<(), EngineError> {
+        self.fold().await?;
+        if self.window.as_ref().is_none_or(Window::is_empty) {
+            return self.wait_for_writer().await;
+        }
+        // Records read meanwhile stay in the batch, for the next window.
+        self.wait_for_writer().await?;
+        // As for a batch: a rebalance from now on waits for this window; partitions
+        // revoked until then are dropped from it.
+        let guard = self.gate.clone().lock_owned().await;
+        self.forget_revoked();
+        let Some(closed) = self
+            .window
+            .as_mut()
+            .filter(|w| !w.is_empty())
+            .map(Window::take)
+        else {
+            return Ok(());
+        };
+        self.writing = closed.held();
+        let Some(mut writer) = self.writer.take() else {
+            return Err(EngineError::Setup("the batch writer is missing".into()));
+        };
+        let span = tracing::info_span!("batch", pipeline = %self.config.name);
+        self.in_flight = Some(tokio::spawn(
+            async move {
+                let result = writer.write_window(closed).await;
+                drop(guard);
+                (writer, result)
+            }
+            .instrument(span),
+        ));
+        Ok(())
+    }
+
     /// Starts preparing the batch (decode, filter, transform on every core) at once, and
     /// hands it to the writer once the previous batch is written (so per-key order and
     /// offset order hold); the engine goes back to reading while it is written.
     async fn flush(&mut self) -> Result<(), EngineError> {
+        if self.window.is_some() {
+            return self.flush_window().await;
+        }
         self.forget_revoked();
         let records = self.batch.take();
         if records.is_empty() {
@@ -468,7 +582,6 @@ impl Engine {
             return Err(EngineError::Setup("the batch writer is missing".into()));
         };
         let span = tracing::info_span!("batch", pipeline = %self.config.name);
-        let compaction = self.config.spec.batch.compaction == Compaction::LastWriteWins;
         self.in_flight = Some(tokio::spawn(
             async move {
                 let result = match prepared.await {
@@ -503,12 +616,7 @@ impl Engine {
                                 "records fetched twice in one batch written once"
                             );
                         }
-                        let compacted = if compaction {
-                            crate::batch::last_write_wins(&mut prepared)
-                        } else {
-                            0
-                        };
-                        writer.write_batch(prepared, compacted).await
+                        writer.write_batch(prepared).await
                     }
                     Ok(Err(e)) => Err(EngineError::Setup(format!(
                         "preparing the batch failed: {e}"
@@ -544,6 +652,28 @@ struct Writer {
     metrics: Arc<Metrics>,
     consumer: Arc<Consumer>,
     commit: Commit,
+    /// With compaction: how many of a window's events one write takes.
+    chunk: usize,
+    /// With compaction: decodes a window's kept events again, a chunk at a time.
+    shards: Shards,
+}
+
+/// Where a write moves the consumed offsets.
+#[derive(Clone, Copy, Debug)]
+enum Advance<'a> {
+    /// Past every record written.
+    PastTheseRecords,
+    /// To these (a compaction window's: past every record it read).
+    To(&'a Offsets),
+    /// Not yet: more of the window is to be written.
+    NotYet,
+}
+
+/// What a write did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Done {
+    written: usize,
+    dead_lettered: usize,
 }
 
 impl Writer {
@@ -593,14 +723,100 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes a prepared batch; `compacted` of its events were superseded by a later
-    /// event of their key (`batch.compaction`) and are not written.
-    async fn write_batch(
+    /// Writes a prepared batch and makes its offsets durable.
+    async fn write_batch(&mut self, prepared: Vec<Prepared>) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let records = prepared.len();
+        let done = self.write(prepared, Advance::PastTheseRecords).await?;
+        self.written(records, done, started);
+        Ok(())
+    }
+
+    /// Writes a closed compaction window: its kept events a chunk at a time (the next
+    /// chunk decoded while one is written), its dead letters with the first; then the
+    /// offsets after every record it read become durable. Exactly-once writes the window
+    /// in one transaction with those offsets.
+    async fn write_window(&mut self, mut window: Closed) -> Result<(), EngineError> {
+        let started = Instant::now();
+        Metrics::add(&self.metrics.filtered, window.counts.filtered);
+        Metrics::add(&self.metrics.compacted, window.counts.compacted);
+        if window.counts.repeated > 0 {
+            tracing::debug!(
+                repeated = window.counts.repeated,
+                "records fetched twice in one window folded once"
+            );
+        }
+        let exactly_once = self.commit.is_exactly_once();
+        let chunk = if exactly_once { usize::MAX } else { self.chunk };
+        let offsets = std::mem::take(&mut window.offsets);
+        let shards = self.shards.clone();
+        let expand = |items: Vec<(Record, crate::shards::Compact)>| {
+            let shards = shards.clone();
+            tokio::spawn(async move { shards.expand(items).await })
+        };
+        let mut prepared = window.take_failed();
+        let mut next = Some(expand(window.next_chunk(chunk)));
+        let mut done = Done::default();
+        while let Some(expanding) = next.take() {
+            match expanding.await {
+                Ok(Ok(events)) => prepared.extend(events),
+                Ok(Err(e)) => {
+                    return Err(EngineError::Setup(format!(
+                        "preparing the batch failed: {e}"
+                    )));
+                }
+                Err(e) => {
+                    return Err(EngineError::Setup(format!(
+                        "preparing the batch failed: {e}"
+                    )));
+                }
+            }
+            if window.remaining() > 0 {
+                next = Some(expand(window.next_chunk(chunk)));
+            }
+            let advance = if exactly_once {
+                Advance::To(&offsets)
+            } else {
+                Advance::NotYet
+            };
+            if !prepared.is_empty() || exactly_once {
+                let part = self.write(std::mem::take(&mut prepared), advance).await?;
+                done.written += part.written;
+                done.dead_lettered += part.dead_lettered;
+            }
+        }
+        if !exactly_once {
+            commit::store(&self.consumer, &offsets, &self.metrics);
+        }
+        self.written(window.counts.read, done, started);
+        Ok(())
+    }
+
+    fn written(&self, records: usize, done: Done, started: Instant) {
+        self.metrics
+            .observe_batch(records, started.elapsed().as_secs_f64());
+        tracing::debug!(
+            pipeline = %self.pipeline,
+            records,
+            written = done.written,
+            dead_lettered = done.dead_lettered,
+            millis = started.elapsed().as_millis() as u64,
+            "{}",
+            if self.commit.is_exactly_once() {
+                "batch written and committed"
+            } else {
+                "batch written"
+            }
+        );
+    }
+
+    /// Writes prepared events with every sink, dead-letters what failed, and moves the
+    /// offsets as `advance` says.
+    async fn write(
         &mut self,
         prepared: Vec<Prepared>,
-        compacted: usize,
-    ) -> Result<(), EngineError> {
-        let started = Instant::now();
+        advance: Advance<'_>,
+    ) -> Result<Done, EngineError> {
         let now = SystemTime::now();
         let mut failures: Vec<(usize, Failure)> = Vec::new();
         let mut events = Vec::with_capacity(prepared.len());
@@ -623,9 +839,8 @@ impl Writer {
                 )),
             }
         }
-        // Events with nothing to write: the filter's, and the ones compaction superseded.
-        Metrics::add(&self.metrics.filtered, nothing.saturating_sub(compacted));
-        Metrics::add(&self.metrics.compacted, compacted);
+        // Events with nothing to write: the filter's.
+        Metrics::add(&self.metrics.filtered, nothing);
         let input: Vec<WriteInput<'_>> = events
             .iter()
             .map(|(index, event)| WriteInput {
@@ -635,10 +850,13 @@ impl Writer {
             })
             .collect();
         if self.commit.is_exactly_once() {
-            let outcome = self.write_committing(&records, &input, failures).await;
-            self.metrics
-                .observe_batch(records.len(), started.elapsed().as_secs_f64());
-            return outcome;
+            let offsets = match advance {
+                Advance::To(offsets) => offsets.clone(),
+                Advance::PastTheseRecords | Advance::NotYet => Offsets::after(&records),
+            };
+            return self
+                .write_committing(&records, &input, failures, &offsets)
+                .await;
         }
 
         // Every sink writes the whole batch, concurrently, each retried on its own: a sink
@@ -700,18 +918,15 @@ impl Writer {
         }
         let written = events.iter().filter(|(i, _)| !failed.contains(i)).count();
         Metrics::add(&self.metrics.written, written);
-        self.store_offsets(&records);
-        self.metrics
-            .observe_batch(records.len(), started.elapsed().as_secs_f64());
-        tracing::debug!(
-            pipeline = %self.pipeline,
-            records = records.len(),
+        match advance {
+            Advance::PastTheseRecords => self.store_offsets(&records),
+            Advance::To(offsets) => commit::store(&self.consumer, offsets, &self.metrics),
+            Advance::NotYet => {}
+        }
+        Ok(Done {
             written,
-            dead_lettered = failures.len(),
-            millis = started.elapsed().as_millis() as u64,
-            "batch written"
-        );
-        Ok(())
+            dead_lettered: failures.len(),
+        })
     }
 
     /// Exactly-once: the one sink writes the batch and commits its offsets in the same
@@ -724,7 +939,8 @@ impl Writer {
         records: &[Record],
         input: &[WriteInput<'_>],
         failures: Vec<(usize, Failure)>,
-    ) -> Result<(), EngineError> {
+        offsets: &Offsets,
+    ) -> Result<Done, EngineError> {
         let Some(slot) = self.sinks.first() else {
             return Err(EngineError::Setup("no sink".into()));
         };
@@ -732,7 +948,6 @@ impl Writer {
             self.dead_letter_all(records, &failures, failures.len())
                 .await?;
         }
-        let offsets = Offsets::after(records);
         let metadata = match self.commit {
             Commit::KafkaTransaction => self.consumer.group_metadata(),
             _ => None,
@@ -744,7 +959,7 @@ impl Writer {
             stopped: std::sync::Mutex::new(None),
         };
         let tx = Transaction {
-            offsets: &offsets,
+            offsets,
             group_metadata: metadata.as_ref(),
             before_commit: &hook,
         };
@@ -784,16 +999,12 @@ impl Writer {
         Metrics::add(&self.metrics.written, applied);
         match self.commit {
             Commit::KafkaTransaction => Metrics::add(&self.metrics.commits, 1),
-            _ => commit::store(&self.consumer, &offsets, &self.metrics),
+            _ => commit::store(&self.consumer, offsets, &self.metrics),
         }
-        tracing::debug!(
-            pipeline = %self.pipeline,
-            records = records.len(),
-            written = applied,
-            dead_lettered = failures.len() + written.rejected.len(),
-            "batch written and committed"
-        );
-        Ok(())
+        Ok(Done {
+            written: applied,
+            dead_lettered: failures.len() + written.rejected.len(),
+        })
     }
 
     /// Sends every failure to the dead-letter topic (one record per refusing sink), each

@@ -9,6 +9,8 @@ pub mod batch;
 #[cfg(feature = "engine")]
 pub mod commit;
 #[cfg(feature = "engine")]
+pub mod compaction;
+#[cfg(feature = "engine")]
 pub mod config;
 #[cfg(feature = "engine")]
 pub mod dead_letter;

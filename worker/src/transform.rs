@@ -251,6 +251,11 @@ impl Transformer {
         self.variables.reads_event() || !self.set.is_empty() || !self.remove.is_empty()
     }
 
+    /// Whether the transform changes the event (`set` or `remove`); a filter alone does not.
+    pub fn changes_event(&self) -> bool {
+        !self.set.is_empty() || !self.remove.is_empty()
+    }
+
     /// Whether there is anything to do (the common case has neither filter nor transform).
     pub fn is_identity(&self) -> bool {
         self.filter.is_none() && self.set.is_empty() && self.remove.is_empty()

@@ -14,7 +14,7 @@ const KEYS: i64 = 200;
 const VERSIONS: i64 = 10;
 
 fn upsert(name: &str, topic: &str, table: &str, compaction: &str, dlq: &str) -> Value {
-    pipeline(
+    let mut spec = pipeline(
         name,
         json!({
             "source": {"topics": [topic]},
@@ -28,7 +28,11 @@ fn upsert(name: &str, topic: &str, table: &str, compaction: &str, dlq: &str) -> 
             "batch": {"maxRecords": 5000, "maxWait": "200ms", "compaction": compaction},
             "deadLetter": {"topic": dlq},
         }),
-    )
+    );
+    if name.ends_with("exactly-once") {
+        spec["spec"]["delivery"] = json!("ExactlyOnce");
+    }
+    spec
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -37,7 +41,7 @@ async fn a_compacted_run_leaves_the_table_an_uncompacted_run_leaves() -> anyhow:
     let topic = kafka.create_topic("compaction", 3, &[]).await?;
     let dlq = kafka.create_topic("compaction-dlq", 1, &[]).await?;
     let db = TestDatabase::create().await?;
-    for table in ["plain", "compacted"] {
+    for table in ["plain", "compacted", "compacted_eo"] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "CREATE TABLE {table} (id bigint PRIMARY KEY, version bigint NOT NULL)"
         )))
@@ -64,6 +68,8 @@ async fn a_compacted_run_leaves_the_table_an_uncompacted_run_leaves() -> anyhow:
     for (name, table, compaction) in [
         ("plain", "plain", "None"),
         ("compacted", "compacted", "LastWriteWins"),
+        // A window in one transaction with its offsets.
+        ("compacted-exactly-once", "compacted_eo", "LastWriteWins"),
     ] {
         let worker = Worker::start(
             dir.path(),
@@ -93,6 +99,11 @@ async fn a_compacted_run_leaves_the_table_an_uncompacted_run_leaves() -> anyhow:
         "every key at its last written version"
     );
     assert_eq!(rows("compacted").await?, plain, "the tables differ");
+    assert_eq!(
+        rows("compacted_eo").await?,
+        plain,
+        "the exactly-once table differs"
+    );
 
     let count =
         |worker: &Worker, metric: &str| wait_until(metric, DEADLINE, || Ok(worker.metric(metric)));
@@ -109,5 +120,8 @@ async fn a_compacted_run_leaves_the_table_an_uncompacted_run_leaves() -> anyhow:
         count(compacted_worker, "weir_records_dead_lettered_total")?,
         1
     );
+    let (_, exactly_once) = &runs[2];
+    assert!(count(exactly_once, "weir_records_compacted_total")? > 0);
+    assert_eq!(count(exactly_once, "weir_records_dead_lettered_total")?, 1);
     Ok(())
 }

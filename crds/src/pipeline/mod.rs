@@ -184,24 +184,30 @@ pub struct Transform {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Batch {
-    /// Most records in one batch.
+    /// Most records in one batch. With `compaction: LastWriteWins`, most records a window
+    /// keeps (one per key), however many it has read.
     #[serde(default = "default_max_records")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_records: i32,
-    /// Most bytes (sum of record values) in one batch.
+    /// Most bytes (sum of record values) in one batch. With `compaction: LastWriteWins`,
+    /// most bytes the window being filled and the one being written keep together: each
+    /// kept record's key and value plus about 160 bytes of bookkeeping; a window closes when
+    /// they reach it, so this bounds the worker's memory for windows.
     #[serde(default = "default_max_bytes")]
     #[schemars(range(min = 1))]
     pub max_bytes: i64,
     /// Longest time a record waits for its batch to fill.
     #[serde(default = "default_max_wait")]
     pub max_wait: DurationString,
-    /// None (the default) writes every record in order. LastWriteWins writes only the last
-    /// event of each record key in a batch (the earlier ones are acknowledged, counted in
+    /// None (the default) writes every record in order. LastWriteWins folds records into a
+    /// window as they are read, keeping only the last event of each record key, and writes
+    /// the window when maxWait has passed since its first record or it keeps maxRecords or
+    /// maxBytes (the earlier events are acknowledged with it, counted in
     /// `weir_records_compacted_total`): with an upsert sink the table ends as it would
     /// without compaction, with fewer writes. A later event the filter drops or that is
     /// dead-lettered does not supersede an earlier one. "Last" is arrival order: with keys
-    /// spread over several topics, prefer the stale-write guard. For a time window, raise
-    /// maxRecords and maxBytes and set maxWait to the window.
+    /// spread over several topics, prefer the stale-write guard. For a time window, set
+    /// maxWait to it (e.g. 1s) and maxRecords high; maxBytes bounds the memory.
     #[serde(default)]
     pub compaction: Compaction,
 }
