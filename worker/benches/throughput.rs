@@ -7,7 +7,15 @@
 //!     event in autocommit, offset committed per event) on a 20,000-event sample;
 //! (b) PostgreSQL's own ceiling: the same rows upserted with one multi-row statement per
 //!     1000 rows straight from memory through the same driver, no Kafka.
-//! Override sizes with WEIR_BENCH_EVENTS, WEIR_BENCH_KEYS, WEIR_BENCH_SAMPLE.
+//! (c) the worker as it was before the throughput work of issue 13 (commit
+//!     [`BASELINE_COMMIT`], built once: see `support::baseline_worker`), on the same data.
+//! Then the same backlog with `batch.compaction: LastWriteWins` over 1 s windows.
+//! Override sizes with WEIR_BENCH_EVENTS, WEIR_BENCH_KEYS, WEIR_BENCH_SAMPLE,
+//! WEIR_BENCH_WINDOW_RECORDS and WEIR_BENCH_WINDOW_BYTES; WEIR_BENCH_BASELINE_BIN names a
+//! prebuilt baseline worker, WEIR_BENCH_BASELINE=0 skips it.
+
+/// The last commit before the throughput work of issue 13.
+const BASELINE_COMMIT: &str = "a7d324426fd7619c0e67fe0f7209546c06dd9de1";
 
 use std::io::Write as _;
 use std::time::Instant;
@@ -22,6 +30,8 @@ use weir_testkit::{KafkaServer, PostgresServer, TestKafka, unique_name};
 mod support;
 use support::{WorkerRun, env_usize, produce_all};
 
+use std::path::Path;
+
 async fn create_table(pool: &PgPool, table: &str) -> anyhow::Result<()> {
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE {table} (id bigint PRIMARY KEY, version integer NOT NULL, name text, email text, amount numeric, status text, updated_at timestamptz)"
@@ -34,6 +44,19 @@ async fn create_table(pool: &PgPool, table: &str) -> anyhow::Result<()> {
 /// The worker as pipeline `name` upserting `topic` into `table`, with `batch` as its
 /// `spec.batch` (YAML flow mapping).
 async fn run_worker(
+    kafka: &TestKafka,
+    topic: &str,
+    db_url: &str,
+    events: usize,
+    run: (&str, &str, &str),
+) -> anyhow::Result<WorkerRun> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_weir-worker"));
+    run_worker_bin(bin, kafka, topic, db_url, events, run).await
+}
+
+/// [`run_worker`] with another build of the worker.
+async fn run_worker_bin(
+    bin: &Path,
     kafka: &TestKafka,
     topic: &str,
     db_url: &str,
@@ -64,7 +87,8 @@ spec:
 "
     );
     let group = format!("bench.{name}");
-    support::run_worker(
+    support::run_worker_bin(
+        bin,
         kafka,
         topic,
         &group,
@@ -180,7 +204,7 @@ fn main() -> anyhow::Result<()> {
         };
         let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
         let db = pg.create_database().await?;
-        for table in ["items", "compacted", "baseline", "ceiling"] {
+        for table in ["items", "compacted", "before", "baseline", "ceiling"] {
             create_table(&db.pool, table).await?;
         }
         let topic = kafka.create_topic("bench", 6, &[]).await?;
@@ -194,6 +218,18 @@ fn main() -> anyhow::Result<()> {
         let ceiling_before = postgres_ceiling(&db.pool, events, keys).await?;
         sqlx::query("TRUNCATE ceiling").execute(&db.pool).await?;
         let run = run_worker(&kafka, &topic, &db.url, events, ("bench", "items", "{}")).await?;
+        // (c) The worker before this work, right after, on the same backlog.
+        let before = match std::env::var("WEIR_BENCH_BASELINE").as_deref() {
+            Ok("0") => Err("WEIR_BENCH_BASELINE=0".to_owned()),
+            _ => tokio::task::spawn_blocking(|| support::baseline_worker(BASELINE_COMMIT)).await?,
+        };
+        let before = match before {
+            Ok(bin) => Some(run_worker_bin(&bin, &kafka, &topic, &db.url, events, ("before", "before", "{}")).await?),
+            Err(reason) => {
+                writeln!(out, "  (c) the worker at {}: skipped ({reason})", &BASELINE_COMMIT[..7])?;
+                None
+            }
+        };
         let ceiling_after = postgres_ceiling(&db.pool, events, keys).await?;
         let (rows, latest): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE version = $1) FROM items")
             .bind((events.div_ceil(keys) - 1) as i32)
@@ -205,6 +241,9 @@ fn main() -> anyhow::Result<()> {
         writeln!(out, "                        {} batches, p50 {:.1} ms, p99 {:.1} ms per batch, peak RSS {:.1} MiB", run.batches, run.p50_ms, run.p99_ms, run.peak_rss_mib)?;
         writeln!(out, "                        worker CPU {:.1} s = {:.0} % of one core over {:.1} s ({:.1} µs per event)", run.cpu_seconds, 100.0 * run.cpu_seconds / run.seconds, run.seconds, 1e6 * run.cpu_seconds / events as f64)?;
         writeln!(out, "  check: {rows} rows, {latest} at their key's latest version -> {}", if correct { "OK" } else { "WRONG" })?;
+        if let Some(before) = &before {
+            writeln!(out, "  (c) the worker at {}: {:>9.0} events/s  steady state ({:.0} from process start); p50 {:.1} ms per batch; peak RSS {:.1} MiB; CPU {:.1} s ({:.1} µs per event)", &BASELINE_COMMIT[..7], before.steady, before.rate, before.p50_ms, before.peak_rss_mib, before.cpu_seconds, 1e6 * before.cpu_seconds / events as f64)?;
+        }
 
         let baseline = per_record_baseline(&kafka, &topic, &db.pool, sample.min(events)).await?;
         writeln!(out, "  (a) per-record:       {baseline:>9.0} events/s  (INSERT … ON CONFLICT + offset commit per event, {sample} events)")?;
@@ -212,16 +251,20 @@ fn main() -> anyhow::Result<()> {
         writeln!(out, "  (b) postgres ceiling: {ceiling:>9.0} rows/s    (1000-row multi-row upsert from memory, same driver; {ceiling_before:.0} before the worker, {ceiling_after:.0} after)")?;
         writeln!(out, "  weir / ceiling = {:.0} %   (steady state; target >= 80 %)", 100.0 * run.steady / ceiling)?;
         writeln!(out, "  weir / per-record = {:.0}x  (steady state; target >= 50x)", run.steady / baseline)?;
+        if let Some(before) = &before {
+            writeln!(out, "  weir / (c) before = {:.2}x  (steady state; {:.2}x from process start; target >= 1.1x)", run.steady / before.steady, run.rate / before.rate)?;
+        }
         writeln!(out, "  peak RSS {:.1} MiB  (target < 64 MiB)", run.peak_rss_mib)?;
 
         // The same backlog again with batch.compaction: LastWriteWins over 1 s windows.
         let window = env_usize("WEIR_BENCH_WINDOW_RECORDS", 100_000);
+        let window_bytes = env_usize("WEIR_BENCH_WINDOW_BYTES", 16 << 20);
         let compacted = run_worker(
             &kafka,
             &topic,
             &db.url,
             events,
-            ("compacted", "compacted", &format!("{{maxRecords: {window}, maxBytes: 33554432, maxWait: 1s, compaction: LastWriteWins}}")),
+            ("compacted", "compacted", &format!("{{maxRecords: {window}, maxBytes: {window_bytes}, maxWait: 1s, compaction: LastWriteWins}}")),
         )
         .await?;
         let (differing,): (i64,) = sqlx::query_as(
@@ -231,10 +274,10 @@ fn main() -> anyhow::Result<()> {
         )
         .fetch_one(&db.pool)
         .await?;
-        writeln!(out, "  compaction LastWriteWins, 1 s windows of up to {window} records:")?;
+        writeln!(out, "  compaction LastWriteWins, 1 s windows keeping up to {window} records / {:.0} MiB:", window_bytes as f64 / (1 << 20) as f64)?;
         writeln!(out, "                        {:>9.0} events consumed/s steady state ({:.0} from process start); {} batches, p50 {:.0} ms; peak RSS {:.1} MiB; CPU {:.1} s ({:.1} µs per event)", compacted.steady, compacted.rate, compacted.batches, compacted.p50_ms, compacted.peak_rss_mib, compacted.cpu_seconds, 1e6 * compacted.cpu_seconds / events as f64)?;
-        writeln!(out, "  compacted / ceiling = {:.2}x  (target >= 1.0x); table {}", compacted.steady / ceiling, if differing == 0 { "identical to the uncompacted run's".to_owned() } else { format!("DIFFERS in {differing} rows") })?;
-        for table in ["items", "compacted"] {
+        writeln!(out, "  compacted / ceiling = {:.2}x  (steady state; {:.2}x from process start; target >= 1.0x); peak RSS {:.1} MiB (target < 64 MiB); table {}", compacted.steady / ceiling, compacted.rate / ceiling, compacted.peak_rss_mib, if differing == 0 { "identical to the uncompacted run's".to_owned() } else { format!("DIFFERS in {differing} rows") })?;
+        for table in ["items", "compacted", "before"] {
             let (inserted, updated): (i64, i64) = sqlx::query_as("SELECT n_tup_ins, n_tup_upd FROM pg_stat_user_tables WHERE relname = $1")
                 .bind(table)
                 .fetch_one(&db.pool)

@@ -2,7 +2,7 @@
 // Each bench includes this module and uses a part of it.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -164,6 +164,20 @@ pub async fn run_worker(
     env: &[(&str, &str)],
     events: usize,
 ) -> anyhow::Result<WorkerRun> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_weir-worker"));
+    run_worker_bin(bin, kafka, topic, group, pipeline, env, events).await
+}
+
+/// [`run_worker`] with another build of the worker binary (an older commit's).
+pub async fn run_worker_bin(
+    bin: &Path,
+    kafka: &TestKafka,
+    topic: &str,
+    group: &str,
+    pipeline: &str,
+    env: &[(&str, &str)],
+    events: usize,
+) -> anyhow::Result<WorkerRun> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("pipeline.yaml");
     std::fs::write(&file, pipeline)?;
@@ -171,7 +185,7 @@ pub async fn run_worker(
     let log = std::fs::File::create(&log_path)?;
     let port = free_port("worker")?;
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir-worker"))
+    let mut child = Command::new(bin)
         .args(["run", "-f"])
         .arg(&file)
         .args(["--bootstrap-servers", kafka.bootstrap()])
@@ -267,4 +281,90 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let stime: f64 = fields.get(12)?.parse().ok()?;
     // Clock ticks: 100 per second on Linux.
     Some((utime + stime) / 100.0)
+}
+
+/// The `weir-worker` binary of an older commit, to measure against in the same run: the
+/// path in `WEIR_BENCH_BASELINE_BIN` if set, else a release build of `commit` made once in
+/// `<temp dir>/weir-bench-baseline/<full hash>/` (a detached git worktree of this
+/// repository and its own target directory; later runs reuse it). Err says why there is
+/// none (no git, no cargo, a failed build: its log).
+pub fn baseline_worker(commit: &str) -> Result<PathBuf, String> {
+    if let Ok(bin) = std::env::var("WEIR_BENCH_BASELINE_BIN") {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!(
+                "WEIR_BENCH_BASELINE_BIN={} is not a file",
+                bin.display()
+            ))
+        };
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let hash = Command::new("git")
+        .arg("-C")
+        .arg(&repo)
+        .args(["rev-parse", "--verify", &format!("{commit}^{{commit}}")])
+        .output()
+        .map_err(|e| format!("git is not available: {e}"))?;
+    if !hash.status.success() {
+        return Err(format!(
+            "commit {commit} is not in this repository: {}",
+            String::from_utf8_lossy(&hash.stderr).trim()
+        ));
+    }
+    let hash = String::from_utf8_lossy(&hash.stdout).trim().to_owned();
+    let dir = std::env::temp_dir().join("weir-bench-baseline").join(&hash);
+    let bin = dir.join("target/release/weir-worker");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let src = dir.join("src");
+    if !src.join("Cargo.toml").is_file() {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let added = Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["worktree", "add", "--detach"])
+            .arg(&src)
+            .arg(&hash)
+            .output()
+            .map_err(|e| format!("git worktree: {e}"))?;
+        if !added.status.success() {
+            return Err(format!(
+                "git worktree add {}: {}",
+                src.display(),
+                String::from_utf8_lossy(&added.stderr).trim()
+            ));
+        }
+    }
+    let log_path = dir.join("build.log");
+    eprintln!(
+        "building the baseline worker at {commit} once (release; log in {})",
+        log_path.display()
+    );
+    let log =
+        std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let built = Command::new(cargo)
+        .current_dir(&src)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "weir-worker",
+            "--bin",
+            "weir-worker",
+        ])
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .stdout(log)
+        .stderr(err)
+        .status()
+        .map_err(|e| format!("cargo is not available: {e}"))?;
+    if !built.success() || !bin.is_file() {
+        return Err(format!("the build failed; see {}", log_path.display()));
+    }
+    Ok(bin)
 }
