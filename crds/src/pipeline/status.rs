@@ -53,8 +53,9 @@ pub struct EventPipelineStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// Lag of a consumer group: records produced but not yet committed (a partition without
-/// a commit counts from the start position).
+/// Lag of a consumer group: the records a read_committed consumer at the group's committed
+/// offsets would still receive (transaction markers and aborted transactions are not lag;
+/// a partition without a commit counts from the start position).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Lag {
