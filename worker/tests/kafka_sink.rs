@@ -320,10 +320,10 @@ async fn kafka_exactly_once_zombie_is_fenced_and_writes_nothing_visible() -> any
     Ok(())
 }
 
-/// A record the output topic refuses for itself (over its `max.message.bytes`, which the
-/// broker checks per produce request): the broker refuses the whole request, so what it
-/// refused is sent again record by record and only the record refused alone is
-/// dead-lettered. Every other record is copied once and the input is consumed to its end.
+/// A record over the output topic's `max.message.bytes` (read when the sink starts): it
+/// is dead-lettered before it is sent, so neither the other records of its produce request
+/// (the broker refuses a request whole) nor, exactly once, the transaction fail with it.
+/// Every other record is copied once and the input is consumed to its end.
 async fn dead_letters_only_the_record_the_broker_refuses(delivery: &str) -> anyhow::Result<()> {
     const TOTAL: i64 = 30;
     let kafka = kafka().await?;
@@ -375,6 +375,12 @@ async fn dead_letters_only_the_record_the_broker_refuses(delivery: &str) -> anyh
     assert!(worker.is_running(), "{}", worker.log_text());
     worker.stop()?;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_exactly_once_dead_letters_only_the_record_the_broker_refuses() -> anyhow::Result<()>
+{
+    dead_letters_only_the_record_the_broker_refuses("ExactlyOnce").await
 }
 
 #[tokio::test(flavor = "multi_thread")]

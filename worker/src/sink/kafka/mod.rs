@@ -12,14 +12,14 @@ use futures::future::BoxFuture;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use serde_json::Value;
 use weir_crds::{KafkaCompression, KafkaSink as KafkaSpec};
 
 use super::{Rejected, Sink, SinkError, WriteInput, Written};
 use crate::commit::{Commit, CommitError, Transaction};
-use crate::kafka::Observer;
+use crate::kafka::{Admin, AdminError, Observer};
 use crate::retry::ErrorClass;
 use crate::transform::{Expression, Variables, context_with};
 
@@ -57,9 +57,24 @@ pub struct KafkaSink {
     variables: Variables,
     /// Without a value expression or a transform, the record's value is sent as it is.
     value_as_is: bool,
-    /// `None` when only checked (no connection).
-    producer: Option<FutureProducer<Observer>>,
+    /// The connection's properties and the producer's, with the label naming the
+    /// connection; `None` when only checked (no connection).
+    settings: Option<Settings>,
+    /// Created by `prepare`, once the topic's record size limit is known.
+    producer: std::sync::OnceLock<FutureProducer<Observer>>,
+    /// The topic's `max.message.bytes` (0 until `prepare` read it, or when it could not).
+    max_bytes: std::sync::atomic::AtomicUsize,
     transactional: bool,
+}
+
+/// What `prepare` creates the producer from.
+struct Settings {
+    /// The connection's own properties (what an admin client of the cluster needs).
+    connection: ClientConfig,
+    producer: ClientConfig,
+    /// Shared by every client of this sink and every attempt to prepare it, so the
+    /// connection's failures are said once, then at most every 30 s.
+    observer: Observer,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -105,8 +120,8 @@ impl KafkaSink {
             .chain(&value)
             .chain(headers.iter().map(|(_, e)| e))
             .fold(Variables::default(), |all, e| all.and(e.variables()));
-        let producer = connection
-            .map(|connection| producer(spec, exactly_once, connection))
+        let settings = connection
+            .map(|connection| settings(spec, exactly_once, connection))
             .transpose()?;
         Ok(Self {
             topic: spec.topic.clone(),
@@ -115,27 +130,103 @@ impl KafkaSink {
             value,
             headers,
             variables,
-            producer,
+            settings,
+            producer: std::sync::OnceLock::new(),
+            max_bytes: std::sync::atomic::AtomicUsize::new(0),
             transactional: exactly_once,
         })
     }
 
     fn producer(&self) -> Result<&FutureProducer<Observer>, SinkError> {
-        self.producer.as_ref().ok_or_else(|| {
+        self.producer.get().ok_or_else(|| {
             SinkError::new(
                 ErrorClass::Fatal,
-                "the kafka sink was built without a connection",
+                "the kafka sink's producer is not created (built without a connection, or not prepared)",
             )
         })
     }
 
+    /// Reads the topic's record size limit and creates the producer with batches under it,
+    /// so a request of small records is never over the limit. A limit that cannot be read
+    /// (the topic missing, DescribeConfigs refused, a cluster without it) is not enforced.
+    async fn create_producer(&self, settings: &Settings) -> Result<(), SinkError> {
+        let admin = Admin::with_observer(
+            &settings.connection,
+            settings.observer.clone(),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| SinkError::new(ErrorClass::Unavailable, e.to_string()))?;
+        let limit = match admin.describe(&self.topic).await {
+            Ok(state) => state
+                .and_then(|s| s.configs.get("max.message.bytes").cloned())
+                .and_then(|v| v.parse::<usize>().ok()),
+            Err(e @ AdminError::Refused { .. }) => {
+                tracing::debug!(topic = %self.topic, error = %e, "the topic's max.message.bytes cannot be read; not checked");
+                None
+            }
+            Err(e) => return Err(SinkError::new(ErrorClass::Unavailable, e.to_string())),
+        };
+        let mut config = settings.producer.clone();
+        if let Some(limit) = limit {
+            self.max_bytes
+                .store(limit, std::sync::atomic::Ordering::Relaxed);
+            // librdkafka's default batch.size is 1,000,000 bytes.
+            config.set(
+                "batch.size",
+                limit
+                    .saturating_sub(BATCH_OVERHEAD)
+                    .clamp(1, 1_000_000)
+                    .to_string(),
+            );
+        }
+        // Connection failures are said once, with their cause, then counted (not
+        // librdkafka's lines on every attempt).
+        let producer = config
+            .create_with_context(settings.observer.clone())
+            .map_err(|e| {
+                SinkError::new(
+                    ErrorClass::Fatal,
+                    format!("cannot create the kafka sink's producer: {e}"),
+                )
+            })?;
+        let _ = self.producer.set(producer);
+        Ok(())
+    }
+
+    /// Refuses, before it is sent, a record the topic would refuse for its size (the
+    /// broker refuses its whole produce request, and in a transaction the transaction).
+    fn check_size(&self, record: &Outgoing) -> Result<(), String> {
+        let limit = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if limit == 0 {
+            return Ok(());
+        }
+        let size = record.key.as_ref().map_or(0, Vec::len)
+            + record.value.as_ref().map_or(0, Vec::len)
+            + record
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 8)
+                .sum::<usize>()
+            + BATCH_OVERHEAD;
+        if size > limit {
+            return Err(format!(
+                "the record is about {size} bytes, over topic {}'s max.message.bytes ({limit}): raise the topic's limit, or make the record smaller",
+                self.topic
+            ));
+        }
+        Ok(())
+    }
+
     /// The records of a batch, and the events refused before sending (an expression that
-    /// fails).
+    /// fails, a record over the topic's size limit).
     fn outgoing(&self, input: &[WriteInput<'_>]) -> (Vec<Outgoing>, Vec<Rejected>) {
         let mut out = Vec::with_capacity(input.len());
         let mut rejected = Vec::new();
         for item in input {
-            match self.record(item) {
+            match self
+                .record(item)
+                .and_then(|record| self.check_size(&record).map(|()| record))
+            {
                 Ok(record) => out.push(record),
                 Err(reason) => rejected.push(Rejected {
                     index: item.index,
@@ -398,6 +489,15 @@ impl Sink for KafkaSink {
     /// aborts what a predecessor with the same id left open, and fences it).
     fn prepare(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
+            let settings = self.settings.as_ref().ok_or_else(|| {
+                SinkError::new(
+                    ErrorClass::Fatal,
+                    "the kafka sink was built without a connection",
+                )
+            })?;
+            if self.producer.get().is_none() {
+                self.create_producer(settings).await?;
+            }
             let producer = self.producer()?;
             let metadata = blocking(|| {
                 producer
@@ -479,7 +579,7 @@ impl Sink for KafkaSink {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(producer) = &self.producer
+            if let Some(producer) = self.producer.get()
                 && let Err(e) = blocking(|| producer.flush(Duration::from_secs(10)))
             {
                 tracing::warn!(error = %e, "flushing the kafka sink's producer failed");
@@ -508,12 +608,16 @@ impl Sink for KafkaSink {
     }
 }
 
-fn producer(
+/// A record batch's own bytes besides its records' keys, values and headers (the batch
+/// header, one record's length fields and attributes), so a size check errs on the safe side.
+const BATCH_OVERHEAD: usize = 128;
+
+fn settings(
     spec: &KafkaSpec,
     exactly_once: bool,
     connection: &Connection,
-) -> Result<FutureProducer<Observer>, String> {
-    let (mut config, label) = match &spec.connection_ref {
+) -> Result<Settings, String> {
+    let (base, label) = match &spec.connection_ref {
         // Another cluster: at least once (validate() refuses ExactlyOnce with it).
         Some(reference) => (
             connection
@@ -530,6 +634,7 @@ fn producer(
         ),
         None => (connection.client.clone(), connection.label.clone()),
     };
+    let mut config = base.clone();
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -551,11 +656,11 @@ fn producer(
             .set("transactional.id", &connection.transactional_id)
             .set("transaction.timeout.ms", "60000");
     }
-    // Connection failures are said once, with their cause, then counted (not librdkafka's
-    // lines on every attempt).
-    config
-        .create_with_context(Observer::new(label))
-        .map_err(|e| format!("cannot create the kafka sink's producer: {e}"))
+    Ok(Settings {
+        connection: base,
+        producer: config,
+        observer: Observer::new(label),
+    })
 }
 
 /// Runs a call that blocks (librdkafka's transactional calls) off the async workers.
