@@ -18,11 +18,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use common::kubelet::worker_binary;
 use common::{Cluster, Operator, config, connection_yaml, eventually, ready};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -30,22 +30,6 @@ use kube::api::{Api, PostParams};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use weir_crds::KafkaTopic;
 use weir_testkit::{TestDatabase, TestKafka, free_port, unique_name};
-
-/// The `weir-worker` binary cargo built beside this test (`--workspace` builds it).
-fn worker_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("no target directory")?;
-    let binary = dir.join("weir-worker");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build -p weir-worker, or run the tests with --workspace)",
-        binary.display()
-    );
-    Ok(binary)
-}
 
 struct Process(Child);
 

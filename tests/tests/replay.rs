@@ -20,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use common::kubelet::{container_environment, worker_binary};
 use common::{Cluster, Operator, config, connection_yaml, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -28,22 +29,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use weir_crds::EventPipeline;
 use weir_testkit::{TestDatabase, TestKafka, free_port, unique_name};
-
-/// The `weir-worker` binary cargo built beside this test (`--workspace` builds it).
-fn worker_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("no target directory")?;
-    let binary = dir.join("weir-worker");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build -p weir-worker, or run the tests with --workspace)",
-        binary.display()
-    );
-    Ok(binary)
-}
 
 /// A worker process started from the rendered pod template; killed when dropped.
 struct Pod {
@@ -93,7 +78,7 @@ impl Drop for Pod {
 /// The rendered environment, resolved as the kubelet resolves it.
 async fn environment(
     deployment: &Deployment,
-    secrets: &Api<Secret>,
+    client: &kube::Client,
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let container = deployment
         .spec
@@ -101,31 +86,16 @@ async fn environment(
         .and_then(|s| s.template.spec.as_ref())
         .and_then(|p| p.containers.first())
         .context("no container")?;
-    let mut env = BTreeMap::new();
-    for var in container.env.clone().unwrap_or_default() {
-        let value = match (&var.value, &var.value_from) {
-            (Some(value), _) => value.clone(),
-            (None, Some(from)) => match (&from.secret_key_ref, &from.field_ref) {
-                (Some(key), _) => {
-                    let bytes = secrets
-                        .get(&key.name)
-                        .await?
-                        .data
-                        .unwrap_or_default()
-                        .remove(&key.key)
-                        .context("no such key")?;
-                    String::from_utf8(bytes.0)?
-                }
-                (None, Some(field)) if field.field_path == "metadata.name" => {
-                    format!("todo-projection-worker-{}", unique_name("pod"))
-                }
-                _ => anyhow::bail!("unsupported env source for {}", var.name),
-            },
-            (None, None) => String::new(),
-        };
-        env.insert(var.name.clone(), value);
-    }
-    Ok(env)
+    let namespace = deployment
+        .metadata
+        .namespace
+        .as_deref()
+        .context("no namespace")?;
+    let pod = format!("todo-projection-worker-{}", unique_name("pod"));
+    Ok(container_environment(client, namespace, container, &pod)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// Starts the Deployment's container as a local process with `file` (the ConfigMap's
@@ -133,7 +103,7 @@ async fn environment(
 async fn start_pod(
     deployment: &Deployment,
     file: &str,
-    secrets: &Api<Secret>,
+    client: &kube::Client,
     dir: &Path,
 ) -> anyhow::Result<Pod> {
     let container = deployment
@@ -161,7 +131,7 @@ async fn start_pod(
         .into_iter()
         .map(|a| a.replace(&mount, &local_mount.display().to_string()))
         .collect();
-    let mut env = environment(deployment, secrets).await?;
+    let mut env = environment(deployment, client).await?;
     // Pods have their own network namespace; local processes share one.
     env.insert(
         "WEIR_METRICS_ADDR".into(),
@@ -317,7 +287,7 @@ async fn the_todo_projection_replayed_to_earliest_with_truncate_is_rebuilt_ident
         Ok(deployments.get_opt("todo-projection-worker").await?)
     })
     .await?;
-    let pod = start_pod(&deployment, &file().await?, &secrets, dir.path()).await?;
+    let pod = start_pod(&deployment, &file().await?, &cluster.admin, dir.path()).await?;
     committed(&kafka, &group, &topic, total)
         .await
         .with_context(|| pod.log_text())?;
@@ -354,7 +324,7 @@ async fn the_todo_projection_replayed_to_earliest_with_truncate_is_rebuilt_ident
         let Some(d) = deployments.get_opt("todo-projection-worker").await? else {
             return Ok(None);
         };
-        let env = environment(&d, &secrets).await?;
+        let env = environment(&d, &cluster.admin).await?;
         Ok(
             (env.get("WEIR_REPLAY_TOKEN").map(String::as_str) == Some("rebuild-1")
                 && env.get("WEIR_REPLAY_TRUNCATE").map(String::as_str) == Some("true"))
@@ -362,7 +332,7 @@ async fn the_todo_projection_replayed_to_earliest_with_truncate_is_rebuilt_ident
         )
     })
     .await?;
-    let pod = start_pod(&deployment, &file().await?, &secrets, dir.path()).await?;
+    let pod = start_pod(&deployment, &file().await?, &cluster.admin, dir.path()).await?;
     committed(&kafka, &group, &topic, total)
         .await
         .with_context(|| pod.log_text())?;
@@ -394,7 +364,7 @@ async fn the_todo_projection_replayed_to_earliest_with_truncate_is_rebuilt_ident
         "the group was reset again: {offsets:?}"
     );
     let deployment = deployments.get("todo-projection-worker").await?;
-    let pod = start_pod(&deployment, &file().await?, &secrets, dir.path()).await?;
+    let pod = start_pod(&deployment, &file().await?, &cluster.admin, dir.path()).await?;
     eventually("the worker past the replay", || async {
         Ok(pod
             .log_text()

@@ -454,74 +454,7 @@ impl Node {
         container: &Container,
         pod: &str,
     ) -> anyhow::Result<Vec<(String, String)>> {
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-        let mut env: Vec<(String, String)> = Vec::new();
-        for from in container.env_from.iter().flatten() {
-            let prefix = from.prefix.clone().unwrap_or_default();
-            if let Some(source) = &from.secret_ref {
-                let secret = secrets.get(&source.name).await?;
-                for (k, v) in secret.data.unwrap_or_default() {
-                    env.push((format!("{prefix}{k}"), String::from_utf8(v.0)?));
-                }
-            }
-            if let Some(source) = &from.config_map_ref {
-                let map = maps.get(&source.name).await?;
-                for (k, v) in map.data.unwrap_or_default() {
-                    env.push((format!("{prefix}{k}"), v));
-                }
-            }
-        }
-        for var in container.env.iter().flatten() {
-            let value = match (&var.value, &var.value_from) {
-                (Some(value), _) => Some(value.clone()),
-                (None, None) => Some(String::new()),
-                (None, Some(from)) => {
-                    if let Some(key) = &from.secret_key_ref {
-                        match secrets.get_opt(&key.name).await? {
-                            Some(secret) => {
-                                match secret.data.unwrap_or_default().remove(&key.key) {
-                                    Some(bytes) => Some(String::from_utf8(bytes.0)?),
-                                    None if key.optional == Some(true) => None,
-                                    None => {
-                                        anyhow::bail!("Secret {} has no key {}", key.name, key.key)
-                                    }
-                                }
-                            }
-                            None if key.optional == Some(true) => None,
-                            None => anyhow::bail!("no Secret {} (for {})", key.name, var.name),
-                        }
-                    } else if let Some(key) = &from.config_map_key_ref {
-                        match maps.get_opt(&key.name).await? {
-                            Some(map) => match map.data.unwrap_or_default().remove(&key.key) {
-                                Some(value) => Some(value),
-                                None if key.optional == Some(true) => None,
-                                None => {
-                                    anyhow::bail!("ConfigMap {} has no key {}", key.name, key.key)
-                                }
-                            },
-                            None if key.optional == Some(true) => None,
-                            None => anyhow::bail!("no ConfigMap {} (for {})", key.name, var.name),
-                        }
-                    } else if let Some(field) = &from.field_ref {
-                        Some(match field.field_path.as_str() {
-                            "metadata.name" => pod.to_owned(),
-                            "metadata.namespace" => self.namespace.clone(),
-                            "spec.nodeName" => "localhost".to_owned(),
-                            "status.podIP" | "status.hostIP" => "127.0.0.1".to_owned(),
-                            other => anyhow::bail!("fieldRef {other} is not run here"),
-                        })
-                    } else {
-                        anyhow::bail!("the source of {} is not run here", var.name);
-                    }
-                }
-            };
-            if let Some(value) = value {
-                env.retain(|(k, _)| *k != var.name);
-                env.push((var.name.clone(), value));
-            }
-        }
-        Ok(env)
+        container_environment(&self.client, &self.namespace, container, pod).await
     }
 
     /// SIGTERM to every process, then waiting for each within its grace period.
@@ -589,6 +522,82 @@ fn fnv(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
     })
+}
+
+/// `container`'s environment as the kubelet resolves it for pod `pod` in `namespace`: from
+/// Secrets and ConfigMaps (`env` and `envFrom`) and the pod's own fields.
+pub async fn container_environment(
+    client: &Client,
+    namespace: &str,
+    container: &Container,
+    pod: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let mut env: Vec<(String, String)> = Vec::new();
+    for from in container.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        if let Some(source) = &from.secret_ref {
+            let secret = secrets.get(&source.name).await?;
+            for (k, v) in secret.data.unwrap_or_default() {
+                env.push((format!("{prefix}{k}"), String::from_utf8(v.0)?));
+            }
+        }
+        if let Some(source) = &from.config_map_ref {
+            let map = maps.get(&source.name).await?;
+            for (k, v) in map.data.unwrap_or_default() {
+                env.push((format!("{prefix}{k}"), v));
+            }
+        }
+    }
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(value), _) => Some(value.clone()),
+            (None, None) => Some(String::new()),
+            (None, Some(from)) => {
+                if let Some(key) = &from.secret_key_ref {
+                    match secrets.get_opt(&key.name).await? {
+                        Some(secret) => match secret.data.unwrap_or_default().remove(&key.key) {
+                            Some(bytes) => Some(String::from_utf8(bytes.0)?),
+                            None if key.optional == Some(true) => None,
+                            None => {
+                                anyhow::bail!("Secret {} has no key {}", key.name, key.key)
+                            }
+                        },
+                        None if key.optional == Some(true) => None,
+                        None => anyhow::bail!("no Secret {} (for {})", key.name, var.name),
+                    }
+                } else if let Some(key) = &from.config_map_key_ref {
+                    match maps.get_opt(&key.name).await? {
+                        Some(map) => match map.data.unwrap_or_default().remove(&key.key) {
+                            Some(value) => Some(value),
+                            None if key.optional == Some(true) => None,
+                            None => {
+                                anyhow::bail!("ConfigMap {} has no key {}", key.name, key.key)
+                            }
+                        },
+                        None if key.optional == Some(true) => None,
+                        None => anyhow::bail!("no ConfigMap {} (for {})", key.name, var.name),
+                    }
+                } else if let Some(field) = &from.field_ref {
+                    Some(match field.field_path.as_str() {
+                        "metadata.name" => pod.to_owned(),
+                        "metadata.namespace" => namespace.to_owned(),
+                        "spec.nodeName" => "localhost".to_owned(),
+                        "status.podIP" | "status.hostIP" => "127.0.0.1".to_owned(),
+                        other => anyhow::bail!("fieldRef {other} is not run here"),
+                    })
+                } else {
+                    anyhow::bail!("the source of {} is not run here", var.name);
+                }
+            }
+        };
+        if let Some(value) = value {
+            env.retain(|(k, _)| *k != var.name);
+            env.push((var.name.clone(), value));
+        }
+    }
+    Ok(env)
 }
 
 /// The `weir-worker` binary cargo built beside the running test (`cargo build
