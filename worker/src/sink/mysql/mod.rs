@@ -19,7 +19,8 @@ use super::redact;
 use super::sql::plan::{Action, Group, Row, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int, parse_timestamp, parse_uuid};
 use super::sql::{
-    Applied, Claim, Committing, Dialect, Fresh, Idempotency, ReplayPlan, SqlTable, merge,
+    Applied, Claim, Committing, Dialect, Fresh, Idempotency, ReplayPlan, ReplayStatements,
+    SqlTable, merge, replay_in,
 };
 use crate::commit::CommitError;
 use crate::retry::ErrorClass;
@@ -85,6 +86,26 @@ fn budget(max_allowed_packet: usize) -> usize {
     (max_allowed_packet / 4 * 3).max(1024)
 }
 
+/// A replay in MySQL: DELETE rather than TRUNCATE, which MySQL cannot run inside a
+/// transaction (it commits implicitly).
+const REPLAY: ReplayStatements = ReplayStatements {
+    create: "CREATE TABLE IF NOT EXISTS weir_replays (
+        consumer_group VARCHAR(255) NOT NULL,
+        sink_table VARCHAR(255) NOT NULL,
+        token VARCHAR(255) NOT NULL,
+        truncated BOOLEAN NOT NULL,
+        applied_at DATETIME(6) NOT NULL,
+        PRIMARY KEY (consumer_group, sink_table, token))",
+    record: "INSERT IGNORE INTO weir_replays (consumer_group, sink_table, token, truncated, applied_at)
+        VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6))",
+    empty: "DELETE FROM ",
+    forget_keys: "DELETE FROM weir_idempotency WHERE scope = ?",
+    forget_offsets: Some(
+        "UPDATE weir_offsets SET next_offset = NULL, generation = generation + 1, updated_at = UTC_TIMESTAMP(6)
+         WHERE consumer_group = ?",
+    ),
+};
+
 impl Dialect for MySql {
     async fn create_idempotency_table(&self) -> Result<(), SinkError> {
         // Keys are stored as their SHA-256, so a key of any length fits the primary key.
@@ -134,63 +155,14 @@ impl Dialect for MySql {
     /// DELETE rather than TRUNCATE, which MySQL cannot run inside a transaction (it commits
     /// implicitly).
     async fn replay(&self, plan: &ReplayPlan<'_>) -> Result<bool, SinkError> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS weir_replays (
-                consumer_group VARCHAR(255) NOT NULL,
-                sink_table VARCHAR(255) NOT NULL,
-                token VARCHAR(255) NOT NULL,
-                truncated BOOLEAN NOT NULL,
-                applied_at DATETIME(6) NOT NULL,
-                PRIMARY KEY (consumer_group, sink_table, token))",
+        replay_in(
+            &self.pool,
+            &REPLAY,
+            &quote_table(plan.table),
+            plan,
+            classify,
         )
-        .execute(&self.pool)
         .await
-        .map_err(classify)?;
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let inserted = sqlx::query(
-            "INSERT IGNORE INTO weir_replays (consumer_group, sink_table, token, truncated, applied_at)
-             VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6))",
-        )
-        .bind(plan.group)
-        .bind(plan.table)
-        .bind(plan.token)
-        .bind(plan.truncate)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?
-        .rows_affected()
-            == 1;
-        if !inserted {
-            return Ok(false);
-        }
-        if plan.truncate {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM {}",
-                quote_table(plan.table)
-            )))
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
-        if let Some(scope) = plan.keys {
-            sqlx::query("DELETE FROM weir_idempotency WHERE scope = ?")
-                .bind(scope)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-        }
-        if let Some(group) = plan.offsets {
-            sqlx::query(
-                "UPDATE weir_offsets SET next_offset = NULL, generation = generation + 1, updated_at = UTC_TIMESTAMP(6)
-                 WHERE consumer_group = ?",
-            )
-            .bind(group)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(true)
     }
 
     fn keeps_offsets(&self) -> bool {

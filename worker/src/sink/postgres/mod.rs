@@ -15,8 +15,8 @@ use super::redact;
 use super::sql::plan::{Action, Group, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int};
 use super::sql::{
-    Applied, Claim, Committing, Dialect, Idempotency, ReplayPlan, SqlTable, merge, quote,
-    quote_table,
+    Applied, Claim, Committing, Dialect, Idempotency, ReplayPlan, ReplayStatements, SqlTable,
+    merge, quote, quote_table, replay_in,
 };
 use crate::commit::CommitError;
 use crate::retry::ErrorClass;
@@ -41,6 +41,26 @@ pub fn build(
 pub struct Postgres {
     pool: PgPool,
 }
+
+/// A replay in PostgreSQL: TRUNCATE, which it runs inside the transaction (undone by a
+/// rollback).
+const REPLAY: ReplayStatements = ReplayStatements {
+    create: "CREATE TABLE IF NOT EXISTS weir_replays (
+        consumer_group text NOT NULL,
+        sink_table text NOT NULL,
+        token text NOT NULL,
+        truncated boolean NOT NULL,
+        applied_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer_group, sink_table, token))",
+    record: "INSERT INTO weir_replays (consumer_group, sink_table, token, truncated)
+        VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    empty: "TRUNCATE TABLE ",
+    forget_keys: "DELETE FROM weir_idempotency WHERE scope = $1",
+    forget_offsets: Some(
+        "UPDATE weir_offsets SET next_offset = NULL, generation = generation + 1, updated_at = now()
+         WHERE consumer_group = $1",
+    ),
+};
 
 impl Dialect for Postgres {
     async fn create_idempotency_table(&self) -> Result<(), SinkError> {
@@ -102,63 +122,14 @@ impl Dialect for Postgres {
 
     /// TRUNCATE, which PostgreSQL runs inside the transaction (undone by a rollback).
     async fn replay(&self, plan: &ReplayPlan<'_>) -> Result<bool, SinkError> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS weir_replays (
-                consumer_group text NOT NULL,
-                sink_table text NOT NULL,
-                token text NOT NULL,
-                truncated boolean NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now(),
-                PRIMARY KEY (consumer_group, sink_table, token))",
+        replay_in(
+            &self.pool,
+            &REPLAY,
+            &quote_table(plan.table),
+            plan,
+            classify,
         )
-        .execute(&self.pool)
         .await
-        .map_err(classify)?;
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let inserted = sqlx::query(
-            "INSERT INTO weir_replays (consumer_group, sink_table, token, truncated)
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(plan.group)
-        .bind(plan.table)
-        .bind(plan.token)
-        .bind(plan.truncate)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?
-        .rows_affected()
-            == 1;
-        if !inserted {
-            return Ok(false);
-        }
-        if plan.truncate {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "TRUNCATE TABLE {}",
-                quote_table(plan.table)
-            )))
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
-        if let Some(scope) = plan.keys {
-            sqlx::query("DELETE FROM weir_idempotency WHERE scope = $1")
-                .bind(scope)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-        }
-        if let Some(group) = plan.offsets {
-            sqlx::query(
-                "UPDATE weir_offsets SET next_offset = NULL, generation = generation + 1, updated_at = now()
-                 WHERE consumer_group = $1",
-            )
-            .bind(group)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(true)
     }
 
     fn keeps_offsets(&self) -> bool {

@@ -644,3 +644,101 @@ pub fn classify(error: sqlx::Error, by_code: impl Fn(&str) -> ErrorClass) -> Sin
         message: super::redact(&error.to_string()),
     }
 }
+
+/// The statements one database carries out a replay with ([`replay_in`]).
+#[derive(Debug)]
+pub struct ReplayStatements {
+    /// Creates `weir_replays` when missing.
+    pub create: &'static str,
+    /// Inserts `(group, table, token, truncated)` into `weir_replays`; inserts nothing when
+    /// the row is there.
+    pub record: &'static str,
+    /// Empties a table, followed by its quoted name (`TRUNCATE TABLE `, `DELETE FROM `).
+    pub empty: &'static str,
+    /// Deletes one idempotency scope's keys.
+    pub forget_keys: &'static str,
+    /// Forgets the offsets a consumer group keeps with the rows (`None`: none are kept).
+    pub forget_offsets: Option<&'static str>,
+}
+
+/// How many rows a statement changed, whichever driver ran it.
+pub trait RowsAffected {
+    fn rows_affected(&self) -> u64;
+}
+
+impl RowsAffected for sqlx::postgres::PgQueryResult {
+    fn rows_affected(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+impl RowsAffected for sqlx::mysql::MySqlQueryResult {
+    fn rows_affected(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
+    fn rows_affected(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+/// [`Dialect::replay`] for a database whose statements are `sql`: one transaction that
+/// records the replay and, only when it inserted the record, carries it out.
+pub async fn replay_in<DB>(
+    pool: &sqlx::Pool<DB>,
+    sql: &ReplayStatements,
+    quoted_table: &str,
+    plan: &ReplayPlan<'_>,
+    classify: fn(sqlx::Error) -> SinkError,
+) -> Result<bool, SinkError>
+where
+    DB: sqlx::Database,
+    DB::QueryResult: RowsAffected,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sqlx::query(sql.create)
+        .execute(pool)
+        .await
+        .map_err(classify)?;
+    let mut tx = pool.begin().await.map_err(classify)?;
+    let inserted = sqlx::query(sql.record)
+        .bind(plan.group)
+        .bind(plan.table)
+        .bind(plan.token)
+        .bind(plan.truncate)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected()
+        == 1;
+    if !inserted {
+        return Ok(false);
+    }
+    if plan.truncate {
+        sqlx::query(sqlx::AssertSqlSafe(format!("{}{quoted_table}", sql.empty)))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+    }
+    if let Some(scope) = plan.keys {
+        sqlx::query(sql.forget_keys)
+            .bind(scope)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+    }
+    if let (Some(group), Some(forget)) = (plan.offsets, sql.forget_offsets) {
+        sqlx::query(forget)
+            .bind(group)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+    }
+    tx.commit().await.map_err(classify)?;
+    Ok(true)
+}

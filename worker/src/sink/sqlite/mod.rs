@@ -14,7 +14,10 @@ use super::SinkError;
 use super::redact;
 use super::sql::plan::{Action, Group, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int, parse_uuid};
-use super::sql::{Applied, Dialect, Fresh, Idempotency, ReplayPlan, SqlTable, quote, quote_table};
+use super::sql::{
+    Applied, Dialect, Fresh, Idempotency, ReplayPlan, ReplayStatements, SqlTable, quote,
+    quote_table, replay_in,
+};
 use crate::retry::ErrorClass;
 
 /// Builds the sink for `url` (`sqlite:///abs/path.db`, `sqlite://rel/path.db` or
@@ -45,6 +48,22 @@ pub fn build(
 pub struct Sqlite3 {
     pool: SqlitePool,
 }
+
+/// A replay in SQLite: DELETE (SQLite has no TRUNCATE); it keeps no offsets.
+const REPLAY: ReplayStatements = ReplayStatements {
+    create: "CREATE TABLE IF NOT EXISTS weir_replays (
+        consumer_group TEXT NOT NULL,
+        sink_table TEXT NOT NULL,
+        token TEXT NOT NULL,
+        truncated INTEGER NOT NULL,
+        applied_at INTEGER NOT NULL,
+        PRIMARY KEY (consumer_group, sink_table, token))",
+    record: "INSERT INTO weir_replays (consumer_group, sink_table, token, truncated, applied_at)
+        VALUES (?1, ?2, ?3, ?4, unixepoch()) ON CONFLICT DO NOTHING",
+    empty: "DELETE FROM ",
+    forget_keys: "DELETE FROM weir_idempotency WHERE scope = ?1",
+    forget_offsets: None,
+};
 
 impl Dialect for Sqlite3 {
     async fn create_idempotency_table(&self) -> Result<(), SinkError> {
@@ -130,53 +149,14 @@ impl Dialect for Sqlite3 {
 
     /// DELETE: SQLite has no TRUNCATE.
     async fn replay(&self, plan: &ReplayPlan<'_>) -> Result<bool, SinkError> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS weir_replays (
-                consumer_group TEXT NOT NULL,
-                sink_table TEXT NOT NULL,
-                token TEXT NOT NULL,
-                truncated INTEGER NOT NULL,
-                applied_at INTEGER NOT NULL,
-                PRIMARY KEY (consumer_group, sink_table, token))",
+        replay_in(
+            &self.pool,
+            &REPLAY,
+            &quote_table(plan.table),
+            plan,
+            classify,
         )
-        .execute(&self.pool)
         .await
-        .map_err(classify)?;
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let inserted = sqlx::query(
-            "INSERT INTO weir_replays (consumer_group, sink_table, token, truncated, applied_at)
-             VALUES (?1, ?2, ?3, ?4, unixepoch()) ON CONFLICT DO NOTHING",
-        )
-        .bind(plan.group)
-        .bind(plan.table)
-        .bind(plan.token)
-        .bind(plan.truncate)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?
-        .rows_affected()
-            == 1;
-        if !inserted {
-            return Ok(false);
-        }
-        if plan.truncate {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM {}",
-                quote_table(plan.table)
-            )))
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
-        if let Some(scope) = plan.keys {
-            sqlx::query("DELETE FROM weir_idempotency WHERE scope = ?1")
-                .bind(scope)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(true)
     }
 }
 
