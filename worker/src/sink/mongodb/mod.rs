@@ -375,7 +375,7 @@ fn run_end(statements: &[Statement], start: usize) -> usize {
         let size: usize = statements[end]
             .bodies
             .iter()
-            .map(|b| bson::to_vec(b).map_or(0, |b| b.len()))
+            .map(|b| b.to_vec().map_or(0, |b| b.len()))
             .sum();
         if end > start && bytes + size > BYTES_PER_COMMAND {
             break;
