@@ -433,7 +433,7 @@ impl Param {
 
 /// Converts one row's values; a value that does not fit its column refuses the
 /// statement (a permanent error: the batch is split until it stands alone).
-fn params(columns: &[(String, ColumnType)], row: &Row) -> Result<Vec<Param>, SinkError> {
+fn params(columns: &[(String, ColumnType)], row: &Row<'_>) -> Result<Vec<Param>, SinkError> {
     columns
         .iter()
         .zip(row)
@@ -478,7 +478,7 @@ fn params(columns: &[(String, ColumnType)], row: &Row) -> Result<Vec<Param>, Sin
 async fn execute(
     conn: &mut MySqlConnection,
     spec: &SqlSink,
-    group: &Group,
+    group: &Group<'_>,
     budget: usize,
 ) -> Result<usize, SinkError> {
     let guarded = spec.guard.is_some() && matches!(group.action, Action::Upsert | Action::Update);
@@ -538,7 +538,7 @@ async fn execute(
 async fn count_newer(
     conn: &mut MySqlConnection,
     spec: &SqlSink,
-    group: &Group,
+    group: &Group<'_>,
     chunk: &[Vec<Param>],
 ) -> Result<usize, SinkError> {
     let Some(column) = spec.guard.as_ref().map(|g| &g.column) else {
@@ -593,7 +593,7 @@ fn key_match(spec: &SqlSink, columns: &[(String, ColumnType)]) -> String {
 /// The SQL of one group over `rows` rows, parameters in the group's column order row
 /// after row; `None` when there is nothing to do (an update of key columns only).
 /// Identifiers come from the validated spec and are quoted.
-pub fn statement(spec: &SqlSink, group: &Group, rows: usize) -> Option<String> {
+pub fn statement(spec: &SqlSink, group: &Group<'_>, rows: usize) -> Option<String> {
     let table = quote_table(&spec.table);
     let is_key = |name: &str| spec.key_columns.iter().any(|k| k == name);
     let guard = spec
@@ -733,7 +733,7 @@ mod tests {
         }
     }
 
-    fn group(action: Action, columns: &[(&str, ColumnType)]) -> Group {
+    fn group(action: Action, columns: &[(&str, ColumnType)]) -> Group<'static> {
         Group {
             action,
             columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),

@@ -325,7 +325,7 @@ async fn apply(
 async fn execute_all(
     conn: &mut sqlx::PgConnection,
     spec: &SqlSink,
-    groups: &[Group],
+    groups: &[Group<'_>],
 ) -> Result<usize, SinkError> {
     let mut stale = 0;
     for group in groups {
@@ -339,7 +339,7 @@ async fn execute_all(
 
 /// Whether a group's statement carries the stale-write guard: every row it does not
 /// write was held back (or, for an update, had no row to update).
-pub fn guarded(spec: &SqlSink, group: &Group) -> bool {
+pub fn guarded(spec: &SqlSink, group: &Group<'_>) -> bool {
     spec.guard.is_some() && matches!(group.action, Action::Upsert | Action::Update)
 }
 
@@ -347,7 +347,7 @@ pub fn guarded(spec: &SqlSink, group: &Group) -> bool {
 async fn execute(
     conn: &mut sqlx::PgConnection,
     spec: &SqlSink,
-    group: &Group,
+    group: &Group<'_>,
 ) -> Result<u64, SinkError> {
     let Some(sql) = statement(spec, group) else {
         return Ok(0);
@@ -399,7 +399,7 @@ fn parse_all<'a, T>(
 /// The SQL of one group; `None` when there is nothing to do (an update of key columns only).
 /// Identifiers come from the validated spec and are quoted; integers and booleans are bound
 /// as typed arrays, other values as text arrays cast by PostgreSQL.
-pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
+pub fn statement(spec: &SqlSink, group: &Group<'_>) -> Option<String> {
     let table = quote_table(&spec.table);
     let is_key = |name: &str| spec.key_columns.iter().any(|k| k == name);
     let unnest = {
@@ -570,7 +570,7 @@ mod tests {
         }
     }
 
-    fn group(action: Action, columns: &[(&str, ColumnType)]) -> Group {
+    fn group(action: Action, columns: &[(&str, ColumnType)]) -> Group<'static> {
         Group {
             action,
             columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),

@@ -7,7 +7,11 @@
 //! key's second operation runs in a later round than its first; different keys touch
 //! different rows, so their relative order does not matter. Insert keeps every row.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher as _;
+
+use hashbrown::HashTable;
 
 use serde_json::Value;
 use weir_crds::{Column, ColumnType, RuleAction, SqlSink, WriteMode};
@@ -33,24 +37,25 @@ pub struct Step<'a> {
     pub columns: &'a [Column],
 }
 
-/// The text value of every column of one row (`None` is SQL NULL).
-pub type Row = Vec<Option<String>>;
+/// The text value of every column of one row (`None` is SQL NULL), borrowed from the event
+/// where it holds the text.
+pub type Row<'a> = Vec<Option<Cow<'a, str>>>;
 
 /// One statement: an action over rows that all set the same columns.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Group {
+pub struct Group<'a> {
     pub action: Action,
     /// Column names and types, key columns first.
     pub columns: Vec<(String, ColumnType)>,
-    pub rows: Vec<Row>,
+    pub rows: Vec<Row<'a>>,
     /// Batch positions of the events that went into this group.
     pub sources: Vec<usize>,
 }
 
 /// The statements for one batch, to run in order, and the events refused while planning.
 #[derive(Debug, Default)]
-pub struct Plan {
-    pub groups: Vec<Group>,
+pub struct Plan<'a> {
+    pub groups: Vec<Group<'a>>,
     /// (batch position, reason): a key or value that cannot be mapped.
     pub rejected: Vec<(usize, String)>,
     /// Upserts and updates the stale-write guard dropped while folding: an earlier event
@@ -66,23 +71,29 @@ enum Op<'a> {
     Delete(Vec<usize>),
 }
 
+/// A row's key: the key columns' values.
+type Key<'a> = Vec<Option<Cow<'a, str>>>;
+
 /// Builds the plan for `steps` in batch order.
-pub fn plan<'a>(sink: &'a SqlSink, steps: &[Step<'a>]) -> Plan {
+pub fn plan<'a>(sink: &'a SqlSink, steps: &[Step<'a>]) -> Plan<'a> {
     let mut plan = Plan::default();
     if sink.mode == WriteMode::Insert {
         plan_inserts(sink, steps, &mut plan);
         return plan;
     }
-    let key_types: HashMap<&str, ColumnType> = steps
+    // The key columns' types, for the rows of deletes (which carry only the key).
+    let key_types: HashMap<&str, ColumnType> = sink
+        .rules
         .iter()
-        .flat_map(|s| s.columns.iter())
+        .flat_map(|rule| rule.columns.iter())
         .chain(sink.columns.iter())
         .filter(|c| sink.key_columns.contains(&c.name))
         .map(|c| (c.name.as_str(), c.type_))
         .collect();
-    // Per key (the key columns' values), its folded operations, in first-seen key order.
-    let mut order: Vec<Vec<Option<String>>> = Vec::new();
-    let mut folded: HashMap<Vec<Option<String>>, Vec<Op<'a>>> = HashMap::new();
+    // Per key, its folded operations, in first-seen key order; `index` finds a key's entry.
+    let hasher = std::hash::RandomState::new();
+    let mut index: HashTable<usize> = HashTable::with_capacity(steps.len());
+    let mut keyed: Vec<(Key<'a>, Vec<Op<'a>>)> = Vec::with_capacity(steps.len());
     for step in steps {
         let values = match row_values(step.event, step.columns) {
             Ok(values) => values,
@@ -119,11 +130,13 @@ pub fn plan<'a>(sink: &'a SqlSink, steps: &[Step<'a>]) -> Plan {
                 continue;
             }
         };
+        let hash = hasher.hash_one(&key);
+        let found = index.find(hash, |&i| keyed[i].0 == key).copied();
         // Applied in order, the database would hold this one back: the row was upserted
         // (or, for an update, updated) to a newer version earlier in this batch. An
         // upsert after an update still runs: the update may have found no row.
         if let Some(version) = &guard
-            && let Some(last) = folded.get(&key).and_then(|ops| ops.last())
+            && let Some(last) = found.and_then(|i| keyed[i].1.last())
             && (matches!(last, Op::Upsert(..)) || step.action == Action::Update)
             && last.guard(sink).is_some_and(|newest| version <= &newest)
         {
@@ -135,19 +148,21 @@ pub fn plan<'a>(sink: &'a SqlSink, steps: &[Step<'a>]) -> Plan {
             Action::Update => Op::Update(values, vec![step.index]),
             Action::Delete => Op::Delete(vec![step.index]),
         };
-        let ops = folded.entry(key.clone()).or_insert_with(|| {
-            order.push(key);
-            Vec::new()
-        });
-        fold(ops, op);
+        match found {
+            Some(i) => fold(&mut keyed[i].1, op),
+            None => {
+                keyed.push((key, vec![op]));
+                index.insert_unique(hash, keyed.len() - 1, |&i| hasher.hash_one(&keyed[i].0));
+            }
+        }
     }
+    drop(index);
     // Round r holds the r-th operation of every key; a round has a few groups at most
-    // (one per action and column set), so they are found by a linear scan.
-    let mut rounds: [Vec<Group>; 2] = [Vec::new(), Vec::new()];
-    for key in order {
-        let Some(ops) = folded.remove(&key) else {
-            continue;
-        };
+    // (one per action and column set), so they are found by a linear scan, starting with
+    // the group the previous row went to.
+    let mut rounds: [Vec<Group<'a>>; 2] = [Vec::new(), Vec::new()];
+    let mut last: [usize; 2] = [0, 0];
+    for (key, ops) in keyed {
         for (round, op) in ops.into_iter().enumerate() {
             let (action, mut values, sources) = match op {
                 Op::Upsert(values, sources) => (Action::Upsert, values, sources),
@@ -165,15 +180,20 @@ pub fn plan<'a>(sink: &'a SqlSink, steps: &[Step<'a>]) -> Plan {
                     (Action::Delete, values, sources)
                 }
             };
-            let groups = &mut rounds[round.min(1)];
-            let found = groups.iter().position(|g| {
+            let round = round.min(1);
+            let groups = &mut rounds[round];
+            let fits = |g: &Group<'_>| {
                 g.action == action
                     && g.columns.len() == values.len()
                     && g.columns
                         .iter()
                         .map(|(n, _)| n.as_str())
                         .eq(ordered_names(&sink.key_columns, &values))
-            });
+            };
+            let found = match groups.get(last[round]) {
+                Some(g) if fits(g) => Some(last[round]),
+                _ => groups.iter().position(fits),
+            };
             let index = match found {
                 Some(index) => index,
                 None => {
@@ -194,8 +214,9 @@ pub fn plan<'a>(sink: &'a SqlSink, steps: &[Step<'a>]) -> Plan {
                     groups.len() - 1
                 }
             };
+            last[round] = index;
             let group = &mut groups[index];
-            let row: Row = group
+            let row: Row<'a> = group
                 .columns
                 .iter()
                 .map(|(n, _)| values.remove(n.as_str()).and_then(|(_, v)| v))
@@ -342,7 +363,7 @@ fn sources_of(ops: &[Op<'_>]) -> Vec<usize> {
         .collect()
 }
 
-fn plan_inserts(sink: &SqlSink, steps: &[Step<'_>], plan: &mut Plan) {
+fn plan_inserts<'a>(sink: &'a SqlSink, steps: &[Step<'a>], plan: &mut Plan<'a>) {
     let mut group = Group {
         action: Action::Insert,
         columns: sink
@@ -355,11 +376,11 @@ fn plan_inserts(sink: &SqlSink, steps: &[Step<'_>], plan: &mut Plan) {
     };
     for step in steps {
         match row_values(step.event, &sink.columns) {
-            Ok(values) => {
+            Ok(mut values) => {
                 group.rows.push(
                     sink.columns
                         .iter()
-                        .map(|c| values.get(c.name.as_str()).and_then(|(_, v)| v.clone()))
+                        .map(|c| values.remove(c.name.as_str()).and_then(|(_, v)| v))
                         .collect(),
                 );
                 group.sources.push(step.index);
@@ -372,23 +393,32 @@ fn plan_inserts(sink: &SqlSink, steps: &[Step<'_>], plan: &mut Plan) {
     }
 }
 
-type Values<'a> = BTreeMap<&'a str, (ColumnType, Option<String>)>;
+type Values<'a> = BTreeMap<&'a str, (ColumnType, Option<Cow<'a, str>>)>;
 
 /// The text value of each column for one event.
-fn row_values<'a>(event: &Value, columns: &'a [Column]) -> Result<Values<'a>, String> {
+fn row_values<'a>(event: &'a Value, columns: &'a [Column]) -> Result<Values<'a>, String> {
     let mut values = BTreeMap::new();
     for column in columns {
-        let path = column_path(column);
-        let text = match field(event, &path) {
+        let text = match column_value(event, column) {
             None | Some(Value::Null) => None,
-            Some(value) => Some(
-                to_text(value, column.type_)
-                    .map_err(|e| format!("column {:?} from {path}: {e}", column.name))?,
-            ),
+            Some(value) => Some(to_text(value, column.type_).map_err(|e| {
+                format!("column {:?} from {}: {e}", column.name, column_path(column))
+            })?),
         };
         values.insert(column.name.as_str(), (column.type_, text));
     }
     Ok(values)
+}
+
+/// The event's value for a column: at its `from` path, or by default at `event.<name>`.
+fn column_value<'a>(event: &'a Value, column: &Column) -> Option<&'a Value> {
+    match &column.from {
+        Some(path) => field(event, path),
+        None => column
+            .name
+            .split('.')
+            .try_fold(event, |value, segment| value.get(segment)),
+    }
 }
 
 fn column_path(column: &Column) -> String {
@@ -399,15 +429,17 @@ fn column_path(column: &Column) -> String {
 }
 
 /// The SQL text form of a JSON value for a column type; PostgreSQL casts it.
-fn to_text(value: &Value, type_: ColumnType) -> Result<String, String> {
+fn to_text(value: &Value, type_: ColumnType) -> Result<Cow<'_, str>, String> {
     match (value, type_) {
-        (value, ColumnType::Jsonb) => Ok(value.to_string()),
-        (Value::String(s), _) => Ok(s.clone()),
+        (value, ColumnType::Jsonb) => Ok(Cow::Owned(value.to_string())),
+        (Value::String(s), _) => Ok(Cow::Borrowed(s)),
         (
             Value::Number(n),
             ColumnType::Text | ColumnType::Integer | ColumnType::Bigint | ColumnType::Numeric,
-        ) => Ok(n.to_string()),
-        (Value::Bool(b), ColumnType::Boolean | ColumnType::Text) => Ok(b.to_string()),
+        ) => Ok(Cow::Owned(n.to_string())),
+        (Value::Bool(b), ColumnType::Boolean | ColumnType::Text) => {
+            Ok(Cow::Borrowed(if *b { "true" } else { "false" }))
+        }
         (other, type_) => Err(format!(
             "a JSON {} does not fit a {type_:?} column",
             match other {
@@ -469,15 +501,15 @@ mod tests {
             .collect()
     }
 
-    fn summary(plan: &Plan) -> Vec<(Action, Vec<Row>)> {
+    fn summary<'a>(plan: &Plan<'a>) -> Vec<(Action, Vec<Row<'a>>)> {
         plan.groups
             .iter()
             .map(|g| (g.action, g.rows.clone()))
             .collect()
     }
 
-    fn row(values: &[Option<&str>]) -> Row {
-        values.iter().map(|v| v.map(str::to_owned)).collect()
+    fn row(values: &[Option<&'static str>]) -> Row<'static> {
+        values.iter().map(|v| v.map(Cow::Borrowed)).collect()
     }
 
     #[test]

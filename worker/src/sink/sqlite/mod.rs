@@ -165,7 +165,7 @@ impl Dialect for Sqlite3 {
 async fn execute(
     conn: &mut SqliteConnection,
     spec: &SqlSink,
-    group: &Group,
+    group: &Group<'_>,
 ) -> Result<usize, SinkError> {
     let Some(sql) = statement(spec, group) else {
         return Ok(0);
@@ -208,7 +208,7 @@ async fn execute(
 
 /// The SQL of one group for one row, parameters `?1..` in the group's column order;
 /// `None` when there is nothing to do (an update of key columns only).
-pub fn statement(spec: &SqlSink, group: &Group) -> Option<String> {
+pub fn statement(spec: &SqlSink, group: &Group<'_>) -> Option<String> {
     let table = quote_table(&spec.table);
     let is_key = |name: &str| spec.key_columns.iter().any(|k| k == name);
     let params = |keys: bool| -> Vec<String> {
@@ -309,7 +309,7 @@ mod tests {
     use super::*;
     use weir_crds::WriteMode;
 
-    fn group(action: Action, columns: &[(&str, ColumnType)]) -> Group {
+    fn group(action: Action, columns: &[(&str, ColumnType)]) -> Group<'static> {
         Group {
             action,
             columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
