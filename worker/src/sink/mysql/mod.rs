@@ -19,8 +19,8 @@ use super::redact;
 use super::sql::plan::{Action, Group, Row, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int, parse_timestamp, parse_uuid};
 use super::sql::{
-    Applied, Claim, Committing, Dialect, Fresh, Idempotency, ReplayPlan, ReplayStatements,
-    SqlTable, merge, replay_in,
+    Applied, CONNECTIONS, Claim, Committing, Dialect, Fresh, Idempotency, ReplayPlan,
+    ReplayStatements, SqlTable, merge, replay_in,
 };
 use crate::commit::CommitError;
 use crate::retry::ErrorClass;
@@ -43,7 +43,10 @@ pub fn build(
         None => url.to_owned(),
     };
     let pool = MySqlPoolOptions::new()
-        .max_connections(2)
+        .max_connections(CONNECTIONS)
+        // No ping before each batch: a broken connection fails the statement, which is
+        // retried like any outage.
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy(&url)
         .map_err(|e| format!("invalid MySQL URL: {}", redact(&e.to_string())))?;
@@ -146,6 +149,10 @@ impl Dialect for MySql {
         let applied = apply(&mut tx, spec, idempotency, steps, budget).await?;
         tx.commit().await.map_err(classify)?;
         Ok(applied)
+    }
+
+    fn connections(&self) -> usize {
+        CONNECTIONS as usize
     }
 
     async fn close(&self) {

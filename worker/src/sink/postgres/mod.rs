@@ -15,8 +15,8 @@ use super::redact;
 use super::sql::plan::{Action, Group, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int};
 use super::sql::{
-    Applied, Claim, Committing, Dialect, Idempotency, ReplayPlan, ReplayStatements, SqlTable,
-    merge, quote, quote_table, replay_in,
+    Applied, CONNECTIONS, Claim, Committing, Dialect, Idempotency, ReplayPlan, ReplayStatements,
+    SqlTable, merge, quote, quote_table, replay_in,
 };
 use crate::commit::CommitError;
 use crate::retry::ErrorClass;
@@ -29,7 +29,10 @@ pub fn build(
     idempotency: Option<Idempotency>,
 ) -> Result<SqlTable<Postgres>, String> {
     let pool = PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(CONNECTIONS)
+        // No ping before each batch: a broken connection fails the statement, which is
+        // retried like any outage.
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy(url)
         .map_err(|e| format!("invalid PostgreSQL URL: {}", redact(&e.to_string())))?;
@@ -114,6 +117,10 @@ impl Dialect for Postgres {
         let applied = apply(&mut tx, spec, Some(idempotency), steps).await?;
         tx.commit().await.map_err(classify)?;
         Ok(applied)
+    }
+
+    fn connections(&self) -> usize {
+        CONNECTIONS as usize
     }
 
     async fn close(&self) {

@@ -44,6 +44,19 @@ impl Idempotency {
         }
     }
 
+    /// The steps without a key and the first step of each key, and how many were left out:
+    /// the later events of a key in one batch, skipped as [`Idempotency::fresh`] skips them.
+    pub fn first_of_each_key<'a>(&self, steps: Vec<Step<'a>>) -> (Vec<Step<'a>>, usize) {
+        let mut seen = std::collections::HashSet::new();
+        let before = steps.len();
+        let kept: Vec<Step<'a>> = steps
+            .into_iter()
+            .filter(|step| self.key_of(step.event).is_none_or(|key| seen.insert(key)))
+            .collect();
+        let left_out = before - kept.len();
+        (kept, left_out)
+    }
+
     /// Each step's key, read once per batch: the database is asked about these, then
     /// [`Idempotency::fresh`] picks the steps to apply.
     pub fn keys_of(&self, steps: &[Step<'_>]) -> Vec<Option<String>> {
@@ -199,6 +212,10 @@ impl Applied {
     }
 }
 
+/// The connections a PostgreSQL or MySQL sink keeps: each batch is written as this many
+/// key-disjoint shards at once, so the database works on as many cores.
+pub const CONNECTIONS: u32 = 2;
+
 /// How one SQL database runs what the shared code plans.
 pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
     /// Creates Weir's idempotency table when missing.
@@ -221,6 +238,12 @@ pub trait Dialect: Send + Sync + std::fmt::Debug + 'static {
     ) -> impl Future<Output = Result<Applied, SinkError>> + Send + 's;
 
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// How many transactions of one batch may run at once (key-disjoint shards, see
+    /// `write`): the connections the dialect writes on.
+    fn connections(&self) -> usize {
+        1
+    }
 
     /// Carries out a replay in one transaction: records `(group, table, token)` in Weir's
     /// `weir_replays` table (created when missing); only when this inserted the row (a
@@ -564,14 +587,38 @@ impl<D: Dialect> Sink for SqlTable<D> {
 
 /// Writes a batch: chooses each event's action, applies them, and returns the events
 /// refused and how many were skipped (matched by no rule, or already applied).
+///
+/// The steps are split into key-disjoint shards ([`plan::shard`]), one per connection the
+/// dialect writes on, applied concurrently, each in its own transaction: a row's events stay
+/// in order in one shard, and the write returns (so the batch's offsets move) only when every
+/// shard is applied. A shard that fails fails the write, whose retry applies every shard
+/// again (upserts and deletes land the same twice; idempotency keys skip what was applied).
 async fn write<D: Dialect>(
     table: &SqlTable<D>,
     input: &[WriteInput<'_>],
 ) -> Result<Written, SinkError> {
     let (steps, mut rejected) = table.projection.steps(input);
-    let applied = write_bisecting(table, &steps).await?;
-    let skipped = input.len() - steps.len() - rejected.len() + applied.duplicates;
+    let taken = steps.len();
+    // A key's later events in the batch are skipped wherever its first lands, so no two
+    // shards record (or wait on) one idempotency key.
+    let (steps, repeated) = match &table.idempotency {
+        Some(idempotency) => idempotency.first_of_each_key(steps),
+        None => (steps, 0),
+    };
+    let shards = plan::shard(&table.projection.spec, &steps, table.dialect.connections());
+    let mut applied = Applied {
+        duplicates: repeated,
+        ..Applied::default()
+    };
+    for part in
+        futures::future::join_all(shards.iter().map(|part| write_bisecting(table, part))).await
+    {
+        merge(&mut applied, part?);
+    }
+    let skipped = input.len() - taken - rejected.len() + applied.duplicates;
     rejected.extend(applied.rejected);
+    // In batch order, as the shards' refusals are dead-lettered.
+    rejected.sort_by_key(|r| r.index);
     Ok(Written { rejected, skipped })
 }
 

@@ -453,6 +453,60 @@ fn to_text(value: &Value, type_: ColumnType) -> Result<Cow<'_, str>, String> {
     }
 }
 
+/// Splits `steps` into at most `shards` key-disjoint parts, each in batch order: every step
+/// of one row key (the key columns' values, read as [`plan`] reads them) goes to the same
+/// part, so parts can be applied concurrently with the result of applying the steps in
+/// order. Without key columns there is one part: which of two inserts a unique index
+/// refuses must stay the later one.
+pub fn shard<'a>(sink: &SqlSink, steps: &[Step<'a>], shards: usize) -> Vec<Vec<Step<'a>>> {
+    let shards = shards.clamp(1, steps.len().max(1));
+    if shards == 1 || sink.key_columns.is_empty() {
+        return vec![steps.to_vec()];
+    }
+    let mut parts: Vec<Vec<Step<'a>>> = (0..shards)
+        .map(|_| Vec::with_capacity(steps.len() / shards + 1))
+        .collect();
+    for step in steps {
+        parts[(key_hash(sink, step) % shards as u64) as usize].push(*step);
+    }
+    parts.retain(|p| !p.is_empty());
+    parts
+}
+
+/// A hash of a step's key: of each key column's SQL text (what [`row_values`] makes of it),
+/// so keys equal to the plan hash equally. A missing key hashes as such (the plan refuses it).
+fn key_hash(sink: &SqlSink, step: &Step<'_>) -> u64 {
+    use std::fmt::Write as _;
+    use std::hash::Hasher as _;
+    /// Feeds formatted text to the hasher without building a string.
+    struct Text<'h>(&'h mut std::hash::DefaultHasher);
+    impl std::fmt::Write for Text<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.write(s.as_bytes());
+            Ok(())
+        }
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    for name in &sink.key_columns {
+        let column = step.columns.iter().find(|c| &c.name == name);
+        let value = column.and_then(|c| column_value(step.event, c));
+        match (value, column.map(|c| c.type_)) {
+            (None | Some(Value::Null), _) | (_, None) => hasher.write_u8(0),
+            (Some(Value::String(s)), Some(t)) if t != ColumnType::Jsonb => {
+                hasher.write(s.as_bytes())
+            }
+            (Some(Value::Number(n)), Some(t)) if t != ColumnType::Jsonb => {
+                let _ = write!(Text(&mut hasher), "{n}");
+            }
+            (Some(value), Some(_)) => {
+                let _ = write!(Text(&mut hasher), "{value}");
+            }
+        }
+        hasher.write_u8(0xff);
+    }
+    hasher.finish()
+}
+
 /// The action a rule chooses, as a plan action.
 pub fn rule_action(action: RuleAction) -> Action {
     match action {
@@ -645,5 +699,48 @@ mod tests {
         ];
         let plan = plan(&s, &steps(&s, &events));
         assert_eq!(plan.groups[0].rows.len(), 2);
+    }
+
+    #[test]
+    fn shards_are_key_disjoint_and_keep_batch_order() {
+        let s = sink(WriteMode::Upsert);
+        // Key 5 as a number and as a string is one row (both are the text "5").
+        let events: Vec<(Action, Value)> = (0..200)
+            .map(|i| match i % 50 {
+                0 => (Action::Upsert, json!({"id": "5", "title": i.to_string()})),
+                _ => (
+                    Action::Upsert,
+                    json!({"id": i % 40, "title": i.to_string()}),
+                ),
+            })
+            .collect();
+        let steps = steps(&s, &events);
+        let parts = shard(&s, &steps, 2);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), steps.len());
+        let key = |step: &Step<'_>| match &step.event["id"] {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        for part in &parts {
+            assert!(
+                part.windows(2).all(|w| w[0].index < w[1].index),
+                "batch order kept"
+            );
+        }
+        let keys = |part: &[Step<'_>]| {
+            part.iter()
+                .map(key)
+                .collect::<std::collections::HashSet<_>>()
+        };
+        assert!(
+            keys(&parts[0]).is_disjoint(&keys(&parts[1])),
+            "no key in both shards"
+        );
+        // Without key columns, one part in batch order.
+        let mut no_keys = sink(WriteMode::Insert);
+        no_keys.key_columns.clear();
+        assert_eq!(shard(&no_keys, &steps, 2).len(), 1);
+        assert_eq!(shard(&s, &steps, 1).len(), 1);
     }
 }
