@@ -311,6 +311,7 @@ impl Writer {
             Advance::To(offsets) => commit::store(&self.consumer, offsets, &self.metrics),
             Advance::NotYet => {}
         }
+        self.shards.discard((events, records));
         Ok(Done {
             written,
             dead_lettered: failures.len(),
