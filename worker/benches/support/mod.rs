@@ -144,6 +144,9 @@ pub struct WorkerRun {
     /// Events per second from the worker's start (process start and group join included).
     pub rate: f64,
     pub seconds: f64,
+    /// Seconds from the worker's start to its first written batch (start-up, group join,
+    /// first fetch).
+    pub first_batch: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub batches: usize,
@@ -185,6 +188,9 @@ pub async fn run_worker_bin(
     let log = std::fs::File::create(&log_path)?;
     let port = free_port("worker")?;
     let started = Instant::now();
+    let started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
     let mut child = Command::new(bin)
         .args(["run", "-f"])
         .arg(&file)
@@ -255,6 +261,7 @@ pub async fn run_worker_bin(
         steady,
         rate: events as f64 / seconds,
         seconds,
+        first_batch: stamps.first().map_or(f64::NAN, |first| first - started_at),
         p50_ms: percentile(&latencies, 50.0),
         p99_ms: percentile(&latencies, 99.0),
         batches: latencies.len(),
