@@ -13,14 +13,13 @@ use sqlx::mysql::{MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql as Driver, MySqlConnection};
 use weir_crds::{ColumnType, SqlSink};
 
-use super::Rejected;
 use super::SinkError;
 use super::redact;
 use super::sql::plan::{Action, Group, Row, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int, parse_timestamp, parse_uuid};
 use super::sql::{
-    Applied, CONNECTIONS, Claim, Committing, Dialect, Fresh, Idempotency, ReplayPlan,
-    ReplayStatements, SqlTable, merge, replay_in,
+    Applied, CONNECTIONS, Claim, CommitParts, Committing, Dialect, Fresh, Idempotency, ReplayPlan,
+    ReplayStatements, SqlTable, commit_in, replay_in,
 };
 use crate::commit::CommitError;
 use crate::retry::ErrorClass;
@@ -238,53 +237,38 @@ impl Dialect for MySql {
     ) -> Result<Applied, CommitError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let budget = self.statement_budget(&mut tx).await?;
-        let mut applied = Applied::default();
-        // Parts of the steps to try, the next on top: a part the database refuses is rolled
-        // back to its savepoint and split until each refused step stands alone.
-        let mut parts = vec![(0, steps.len())];
-        while let Some((from, to)) = parts.pop() {
-            if from == to {
-                continue;
-            }
-            sqlx::query("SAVEPOINT weir_part")
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-            match apply(&mut tx, spec, idempotency, &steps[from..to], budget).await {
-                Ok(part) => {
-                    sqlx::query("RELEASE SAVEPOINT weir_part")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?;
-                    merge(&mut applied, part);
-                }
-                Err(e) if e.class == ErrorClass::Permanent => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT weir_part")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?;
-                    if to - from == 1 {
-                        applied.rejected.push(Rejected {
-                            index: steps[from].index,
-                            class: ErrorClass::Permanent,
-                            reason: e.message,
-                        });
-                    } else {
-                        let middle = from + (to - from) / 2;
-                        parts.push((middle, to));
-                        parts.push((from, middle));
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let refused: Vec<Rejected> = commit
-            .refused
-            .iter()
-            .chain(&applied.rejected)
-            .cloned()
-            .collect();
-        commit.before_commit.dead_letter(&refused).await?;
+        let parts = Parts {
+            spec,
+            idempotency,
+            budget,
+        };
+        commit_in(tx, &parts, steps, commit, classify).await
+    }
+}
+
+/// MySQL's parts of an exactly-once transaction ([`commit_in`]).
+struct Parts<'a> {
+    spec: &'a SqlSink,
+    idempotency: Option<&'a Idempotency>,
+    /// Bytes one statement may take.
+    budget: usize,
+}
+
+impl CommitParts<Driver> for Parts<'_> {
+    fn apply<'c>(
+        &'c self,
+        conn: &'c mut MySqlConnection,
+        steps: &'c [Step<'c>],
+    ) -> impl Future<Output = Result<Applied, SinkError>> + Send + 'c {
+        apply(conn, self.spec, self.idempotency, steps, self.budget)
+    }
+
+    /// One statement per partition (MySQL has no UNNEST to join them to).
+    async fn move_offsets(
+        &self,
+        conn: &mut MySqlConnection,
+        commit: &Committing<'_>,
+    ) -> Result<(), CommitError> {
         for m in commit.moves {
             let moved = sqlx::query(
                 "UPDATE weir_offsets SET next_offset = ?, updated_at = UTC_TIMESTAMP(6)
@@ -297,20 +281,18 @@ impl Dialect for MySql {
             .bind(m.partition)
             .bind(m.generation)
             .bind(m.expected)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await
             .map_err(classify)?
             .rows_affected();
             if moved != 1 {
-                // Dropping the transaction rolls it back.
                 return Err(CommitError::Fenced(format!(
                     "{}/{} was claimed by another worker since this one took it",
                     m.topic, m.partition
                 )));
             }
         }
-        tx.commit().await.map_err(classify)?;
-        Ok(applied)
+        Ok(())
     }
 }
 

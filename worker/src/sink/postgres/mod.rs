@@ -9,14 +9,13 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use weir_crds::{ColumnType, SqlSink};
 
-use super::Rejected;
 use super::SinkError;
 use super::redact;
 use super::sql::plan::{Action, Group, Step, plan};
 use super::sql::values::{convert, parse_bool, parse_int};
 use super::sql::{
-    Applied, CONNECTIONS, Claim, Committing, Dialect, Idempotency, ReplayPlan, ReplayStatements,
-    SqlTable, merge, quote, quote_table, replay_in,
+    Applied, CONNECTIONS, Claim, CommitParts, Committing, Dialect, Idempotency, ReplayPlan,
+    ReplayStatements, SqlTable, commit_in, quote, quote_table, replay_in,
 };
 use crate::commit::CommitError;
 use crate::retry::ErrorClass;
@@ -199,54 +198,32 @@ impl Dialect for Postgres {
         steps: &[Step<'_>],
         commit: Committing<'_>,
     ) -> Result<Applied, CommitError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let mut applied = Applied::default();
-        // Halves of the steps to try, the next one on top: a part the database refuses is
-        // rolled back to its savepoint and split until each refused step stands alone.
-        let mut parts = vec![(0, steps.len())];
-        while let Some((from, to)) = parts.pop() {
-            if from == to {
-                continue;
-            }
-            sqlx::query("SAVEPOINT weir_part")
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-            match apply(&mut tx, spec, idempotency, &steps[from..to]).await {
-                Ok(part) => {
-                    sqlx::query("RELEASE SAVEPOINT weir_part")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?;
-                    merge(&mut applied, part);
-                }
-                Err(e) if e.class == ErrorClass::Permanent => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT weir_part")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?;
-                    if to - from == 1 {
-                        applied.rejected.push(Rejected {
-                            index: steps[from].index,
-                            class: ErrorClass::Permanent,
-                            reason: e.message,
-                        });
-                    } else {
-                        let middle = from + (to - from) / 2;
-                        parts.push((middle, to));
-                        parts.push((from, middle));
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let refused: Vec<Rejected> = commit
-            .refused
-            .iter()
-            .chain(&applied.rejected)
-            .cloned()
-            .collect();
-        commit.before_commit.dead_letter(&refused).await?;
+        let tx = self.pool.begin().await.map_err(classify)?;
+        commit_in(tx, &Parts { spec, idempotency }, steps, commit, classify).await
+    }
+}
+
+/// PostgreSQL's parts of an exactly-once transaction ([`commit_in`]).
+struct Parts<'a> {
+    spec: &'a SqlSink,
+    idempotency: Option<&'a Idempotency>,
+}
+
+impl CommitParts<sqlx::Postgres> for Parts<'_> {
+    fn apply<'c>(
+        &'c self,
+        conn: &'c mut sqlx::PgConnection,
+        steps: &'c [Step<'c>],
+    ) -> impl Future<Output = Result<Applied, SinkError>> + Send + 'c {
+        apply(conn, self.spec, self.idempotency, steps)
+    }
+
+    /// One statement for every partition of the batch.
+    async fn move_offsets(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        commit: &Committing<'_>,
+    ) -> Result<(), CommitError> {
         let topics: Vec<&str> = commit.moves.iter().map(|m| m.topic.as_str()).collect();
         let numbers: Vec<i32> = commit.moves.iter().map(|m| m.partition).collect();
         let next: Vec<i64> = commit.moves.iter().map(|m| m.next).collect();
@@ -264,20 +241,18 @@ impl Dialect for Postgres {
         .bind(&next)
         .bind(&generations)
         .bind(&expected)
-        .execute(&mut *tx)
+        .execute(conn)
         .await
         .map_err(classify)?
         .rows_affected();
         if moved != commit.moves.len() as u64 {
-            // Dropping the transaction rolls it back.
             return Err(CommitError::Fenced(format!(
                 "{} of the batch's {} partitions were claimed by another worker since this one took them",
                 commit.moves.len() as u64 - moved,
                 commit.moves.len()
             )));
         }
-        tx.commit().await.map_err(classify)?;
-        Ok(applied)
+        Ok(())
     }
 }
 

@@ -656,6 +656,94 @@ fn write_bisecting<'s, D: Dialect>(
     })
 }
 
+/// A dialect's own parts of an exactly-once transaction, which [`commit_in`] runs.
+pub trait CommitParts<DB: sqlx::Database>: Sync {
+    /// Applies steps on the transaction's connection, as [`Dialect::transaction`] would; a
+    /// permanent error refuses them all (the caller rolls back to a savepoint and splits).
+    fn apply<'c>(
+        &'c self,
+        conn: &'c mut DB::Connection,
+        steps: &'c [Step<'c>],
+    ) -> impl Future<Output = Result<Applied, SinkError>> + Send + 'c;
+
+    /// Moves every offset of `commit` compare-and-set; [`CommitError::Fenced`] when a row
+    /// does not hold the claimed generation and offset.
+    fn move_offsets<'c>(
+        &'c self,
+        conn: &'c mut DB::Connection,
+        commit: &'c Committing<'c>,
+    ) -> impl Future<Output = Result<(), CommitError>> + Send + 'c;
+}
+
+/// The body of every exactly-once SQL transaction, in `tx`: the steps applied in savepoints,
+/// a part the database refuses rolled back and split in halves until each refused step
+/// stands alone (never a second transaction); every refused event (`commit.refused`, and
+/// those the database refused) handed to `commit.before_commit`; the offsets moved; commit.
+pub async fn commit_in<DB, C>(
+    mut tx: sqlx::Transaction<'_, DB>,
+    parts: &C,
+    steps: &[Step<'_>],
+    commit: Committing<'_>,
+    classify: fn(sqlx::Error) -> SinkError,
+) -> Result<Applied, CommitError>
+where
+    DB: sqlx::Database,
+    C: CommitParts<DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    let mut applied = Applied::default();
+    // Parts of the steps to try, the next on top.
+    let mut todo = vec![(0, steps.len())];
+    while let Some((from, to)) = todo.pop() {
+        if from == to {
+            continue;
+        }
+        sqlx::query("SAVEPOINT weir_part")
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        match parts.apply(&mut tx, &steps[from..to]).await {
+            Ok(part) => {
+                sqlx::query("RELEASE SAVEPOINT weir_part")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                merge(&mut applied, part);
+            }
+            Err(e) if e.class == ErrorClass::Permanent => {
+                sqlx::query("ROLLBACK TO SAVEPOINT weir_part")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                if to - from == 1 {
+                    applied.rejected.push(Rejected {
+                        index: steps[from].index,
+                        class: ErrorClass::Permanent,
+                        reason: e.message,
+                    });
+                } else {
+                    let middle = from + (to - from) / 2;
+                    todo.push((middle, to));
+                    todo.push((from, middle));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let refused: Vec<Rejected> = commit
+        .refused
+        .iter()
+        .chain(&applied.rejected)
+        .cloned()
+        .collect();
+    commit.before_commit.dead_letter(&refused).await?;
+    // Dropping the transaction on an error rolls it back.
+    parts.move_offsets(&mut tx, &commit).await?;
+    tx.commit().await.map_err(classify)?;
+    Ok(applied)
+}
+
 /// A table name (`name` or `schema.name`) as a quoted SQL identifier.
 pub fn quote_table(table: &str) -> String {
     table.split('.').map(quote).collect::<Vec<_>>().join(".")
