@@ -135,6 +135,8 @@ fn main() -> anyhow::Result<()> {
         let topic = kafka.create_topic("bench-mysql", 6, &[]).await?;
         writeln!(out, "MySQL sink (MariaDB): {mysql_events} events (~200 B JSON), {mysql_keys} keys, upsert")?;
         produce_all(&kafka, &topic, mysql_events, mysql_keys).await?;
+        // So the first worker's start does not include the broker creating its offsets topic.
+        support::warm_group_coordinator(&kafka, &topic).await?;
         let rows = stream_values(mysql_events, mysql_keys)?;
         let before = mysql_ceiling(&db.pool, &rows).await?;
         let pipeline = format!(

@@ -7,8 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use weir_testkit::{TestKafka, free_port};
+use rdkafka::{Offset, TopicPartitionList};
+use weir_testkit::{TestKafka, free_port, unique_name};
 
 /// The event stream: pass v over all keys (in a shuffled order), ten passes.
 pub fn event(key: usize, version: usize) -> Vec<u8> {
@@ -86,6 +88,27 @@ pub fn stream_values(events: usize, keys: usize) -> anyhow::Result<Vec<serde_jso
         }
     }
     Ok(rows)
+}
+
+/// Commits an offset for a throwaway group, so the broker has created its consumer-offsets
+/// topic (its first group's coordinator lookup does, in seconds on a fresh broker) before
+/// a timed worker joins a group. Tried until it succeeds, for at most a minute.
+pub async fn warm_group_coordinator(kafka: &TestKafka, topic: &str) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = kafka
+        .config()
+        .set("group.id", unique_name("bench-warm-up"))
+        .create()?;
+    let mut offsets = TopicPartitionList::new();
+    offsets.add_partition_offset(topic, 0, Offset::Offset(0))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match consumer.commit(&offsets, CommitMode::Sync) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            // Retried while the coordinator is not yet available.
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 pub fn env_usize(name: &str, default: usize) -> usize {
