@@ -67,28 +67,41 @@ async fn produce(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn worker_processes_follow_the_replicas_the_autoscaler_writes_and_drain_the_backlog()
--> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
-    let kafka = TestKafka::shared()?;
-    let db = TestDatabase::create().await?;
-    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY, n bigint NOT NULL)")
-        .execute(&db.pool)
-        .await?;
-    let ns = cluster.namespace("scaled").await?;
-    let topic = kafka.create_topic("scaled", PARTITIONS, &[]).await?;
-    let secrets: Api<Secret> = Api::namespaced(cluster.admin.clone(), &ns);
-    let mut secret = Secret::default();
-    secret.metadata.name = Some("events-db".into());
-    secret.string_data = Some(BTreeMap::from([("url".to_owned(), db.url.clone())]));
-    secrets.create(&PostParams::default(), &secret).await?;
-    cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
-    cluster
-        .apply_yaml(
-            &ns,
-            &format!(
-                r#"apiVersion: weir.dev/v1alpha1
+/// What both tests run: a namespace with a PostgreSQL `events (id, n)` table behind a
+/// Secret, the KafkaConnection, the operator (lag read every second) and the test kubelet.
+struct Scaled {
+    cluster: Cluster,
+    db: TestDatabase,
+    operator: Operator,
+    kubelet: Kubelet,
+    pipelines: Api<EventPipeline>,
+}
+
+impl Scaled {
+    /// Starts everything for the EventPipeline `events` reading `topic` as `group`, upserting
+    /// `{id, n}` into the table, with `batch` and `scaling` as its spec's (YAML flow mappings).
+    async fn start(
+        cluster: Cluster,
+        ns: &str,
+        kafka: &TestKafka,
+        (topic, group): (&str, &str),
+        (batch, scaling): (&str, &str),
+    ) -> anyhow::Result<Self> {
+        let db = TestDatabase::create().await?;
+        sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY, n bigint NOT NULL)")
+            .execute(&db.pool)
+            .await?;
+        let secrets: Api<Secret> = Api::namespaced(cluster.admin.clone(), ns);
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("events-db".into());
+        secret.string_data = Some(BTreeMap::from([("url".to_owned(), db.url.clone())]));
+        secrets.create(&PostParams::default(), &secret).await?;
+        cluster.apply_yaml(ns, &connection_yaml(kafka)).await?;
+        cluster
+            .apply_yaml(
+                ns,
+                &format!(
+                    r#"apiVersion: weir.dev/v1alpha1
 kind: EventPipeline
 metadata: {{name: events}}
 spec:
@@ -100,30 +113,53 @@ spec:
         mode: Upsert
         keyColumns: [id]
         columns: [{{name: id, type: bigint}}, {{name: n, type: bigint}}]
-  batch: {{maxRecords: 20, maxWait: 20ms}}
-  scaling:
-    minReplicas: 1
-    maxReplicas: {MAX_REPLICAS}
-    targetLagPerReplica: 2000
-    targetCatchUpTime: 5s
-    cooldown: {cooldown}s
+  batch: {batch}
+  scaling: {scaling}
   worker: {{terminationGracePeriodSeconds: 20}}
-"#,
-                group = unique_name("scaled-group"),
-                cooldown = COOLDOWN.as_secs(),
-            ),
-        )
-        .await?;
-    let mut settings = config(&unique_name("lease"), "op-scaled");
-    settings.lag_interval = Duration::from_secs(1);
-    let operator = Operator::start(cluster.operator_client()?, settings);
-    let kubelet = Kubelet::start(
-        cluster.admin.clone(),
+"#
+                ),
+            )
+            .await?;
+        let mut settings = config(&unique_name("lease"), &format!("op-{ns}"));
+        settings.lag_interval = Duration::from_secs(1);
+        let operator = Operator::start(cluster.operator_client()?, settings);
+        let kubelet = Kubelet::start(cluster.admin.clone(), ns, "events-worker", worker_binary()?)?;
+        let pipelines = Api::namespaced(cluster.admin.clone(), ns);
+        Ok(Self {
+            cluster,
+            db,
+            operator,
+            kubelet,
+            pipelines,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_processes_follow_the_replicas_the_autoscaler_writes_and_drain_the_backlog()
+-> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    let kafka = TestKafka::shared()?;
+    let ns = cluster.namespace("scaled").await?;
+    let topic = kafka.create_topic("scaled", PARTITIONS, &[]).await?;
+    let scaling = format!(
+        "{{minReplicas: 1, maxReplicas: {MAX_REPLICAS}, targetLagPerReplica: 2000, targetCatchUpTime: 5s, cooldown: {}s}}",
+        COOLDOWN.as_secs()
+    );
+    let Scaled {
+        cluster: _cluster,
+        db,
+        operator,
+        kubelet,
+        pipelines,
+    } = Scaled::start(
+        cluster,
         &ns,
-        "events-worker",
-        worker_binary()?,
-    )?;
-    let pipelines: Api<EventPipeline> = Api::namespaced(cluster.admin.clone(), &ns);
+        &kafka,
+        (&topic, &unique_name("scaled-group")),
+        ("{maxRecords: 20, maxWait: 20ms}", &scaling),
+    )
+    .await?;
 
     // One worker, ready, and the operator sees it so.
     eventually("one ready worker, in the pipeline's status", || async {
@@ -272,10 +308,6 @@ spec:
 async fn a_consumed_transactional_topic_scales_the_workers_to_zero() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     let kafka = TestKafka::shared()?;
-    let db = TestDatabase::create().await?;
-    sqlx::query("CREATE TABLE events (id bigint PRIMARY KEY, n bigint NOT NULL)")
-        .execute(&db.pool)
-        .await?;
     let ns = cluster.namespace("to-zero").await?;
     let topic = kafka.create_topic("to-zero", PARTITIONS, &[]).await?;
     let group = unique_name("to-zero-group");
@@ -316,47 +348,25 @@ async fn a_consumed_transactional_topic_scales_the_workers_to_zero() -> anyhow::
     .await??;
     let committed = (transactions - 1) * per_transaction;
 
-    let secrets: Api<Secret> = Api::namespaced(cluster.admin.clone(), &ns);
-    let mut secret = Secret::default();
-    secret.metadata.name = Some("events-db".into());
-    secret.string_data = Some(BTreeMap::from([("url".to_owned(), db.url.clone())]));
-    secrets.create(&PostParams::default(), &secret).await?;
-    cluster.apply_yaml(&ns, &connection_yaml(&kafka)).await?;
     let cooldown = Duration::from_secs(5);
-    cluster
-        .apply_yaml(
-            &ns,
-            &format!(
-                r#"apiVersion: weir.dev/v1alpha1
-kind: EventPipeline
-metadata: {{name: events}}
-spec:
-  source: {{topics: [{topic}], consumerGroup: {group}}}
-  sinks:
-    - postgres:
-        urlFrom: {{secretKeyRef: {{name: events-db, key: url}}}}
-        table: events
-        mode: Upsert
-        keyColumns: [id]
-        columns: [{{name: id, type: bigint}}, {{name: n, type: bigint}}]
-  batch: {{maxRecords: 100, maxWait: 20ms}}
-  scaling: {{minReplicas: 0, maxReplicas: 2, targetLagPerReplica: 1000, cooldown: {cooldown}s}}
-  worker: {{terminationGracePeriodSeconds: 20}}
-"#,
-                cooldown = cooldown.as_secs(),
-            ),
-        )
-        .await?;
-    let mut settings = config(&unique_name("lease"), "op-to-zero");
-    settings.lag_interval = Duration::from_secs(1);
-    let operator = Operator::start(cluster.operator_client()?, settings);
-    let kubelet = Kubelet::start(
-        cluster.admin.clone(),
+    let scaling = format!(
+        "{{minReplicas: 0, maxReplicas: 2, targetLagPerReplica: 1000, cooldown: {}s}}",
+        cooldown.as_secs()
+    );
+    let Scaled {
+        cluster: _cluster,
+        db,
+        operator,
+        kubelet,
+        pipelines,
+    } = Scaled::start(
+        cluster,
         &ns,
-        "events-worker",
-        worker_binary()?,
-    )?;
-    let pipelines: Api<EventPipeline> = Api::namespaced(cluster.admin.clone(), &ns);
+        &kafka,
+        (&topic, &group),
+        ("{maxRecords: 100, maxWait: 20ms}", &scaling),
+    )
+    .await?;
 
     eventually_within(
         Duration::from_secs(90),
