@@ -69,7 +69,9 @@ impl Sink {
     }
 }
 
-/// A table in PostgreSQL, MySQL/MariaDB or SQLite, written in one transaction per batch.
+/// A table in PostgreSQL, MySQL/MariaDB or SQLite. PostgreSQL and MySQL write a batch as two
+/// key-disjoint shards at once, one transaction each (one transaction with exactly-once);
+/// SQLite in one transaction per batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{

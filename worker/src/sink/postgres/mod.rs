@@ -1,6 +1,6 @@
-//! The PostgreSQL sink: the SQL table sink over PostgreSQL. One transaction per batch,
-//! one UNNEST statement per group of rows (see `sql::plan`), idempotency keys written in
-//! the same transaction as the rows.
+//! The PostgreSQL sink: the SQL table sink over PostgreSQL. One transaction per shard of a
+//! batch (see `sql::write`; per batch with exactly-once), one UNNEST statement per group of
+//! rows (see `sql::plan`), idempotency keys written in the same transaction as the rows.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
