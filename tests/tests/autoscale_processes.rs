@@ -70,7 +70,6 @@ async fn produce(
 /// What both tests run: a namespace with a PostgreSQL `events (id, n)` table behind a
 /// Secret, the KafkaConnection, the operator (lag read every second) and the test kubelet.
 struct Scaled {
-    cluster: Cluster,
     db: TestDatabase,
     operator: Operator,
     kubelet: Kubelet,
@@ -81,7 +80,7 @@ impl Scaled {
     /// Starts everything for the EventPipeline `events` reading `topic` as `group`, upserting
     /// `{id, n}` into the table, with `batch` and `scaling` as its spec's (YAML flow mappings).
     async fn start(
-        cluster: Cluster,
+        cluster: &Cluster,
         ns: &str,
         kafka: &TestKafka,
         (topic, group): (&str, &str),
@@ -126,7 +125,6 @@ spec:
         let kubelet = Kubelet::start(cluster.admin.clone(), ns, "events-worker", worker_binary()?)?;
         let pipelines = Api::namespaced(cluster.admin.clone(), ns);
         Ok(Self {
-            cluster,
             db,
             operator,
             kubelet,
@@ -147,13 +145,12 @@ async fn worker_processes_follow_the_replicas_the_autoscaler_writes_and_drain_th
         COOLDOWN.as_secs()
     );
     let Scaled {
-        cluster: _cluster,
         db,
         operator,
         kubelet,
         pipelines,
     } = Scaled::start(
-        cluster,
+        &cluster,
         &ns,
         &kafka,
         (&topic, &unique_name("scaled-group")),
@@ -354,13 +351,12 @@ async fn a_consumed_transactional_topic_scales_the_workers_to_zero() -> anyhow::
         cooldown.as_secs()
     );
     let Scaled {
-        cluster: _cluster,
         db,
         operator,
         kubelet,
         pipelines,
     } = Scaled::start(
-        cluster,
+        &cluster,
         &ns,
         &kafka,
         (&topic, &group),
