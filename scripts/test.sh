@@ -9,6 +9,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 step() { printf '\n==> %s\n' "$*" >&2; }
 
+# A CI run builds once from clean: incremental state would only add gigabytes on its disk.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
+
 step "installing test dependencies (skipped when present)"
 scripts/install-test-deps.sh
 
