@@ -11,7 +11,7 @@
 # (the Go module and build caches make later builds quick).
 #
 # Callers: testkit/src/kube.rs (when a test needs the API server and the binaries are
-# missing), the kubectl tests (operator/tests/deploy.rs) and scripts/install-test-deps.sh.
+# missing), the kubectl tests (operator/tests/integration/deploy.rs) and scripts/install-test-deps.sh.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
