@@ -366,3 +366,40 @@ fn a_kafka_sinks_own_connection_reaches_the_worker() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A pipeline without `connectionRef` uses the operator's default connection, whatever its
+/// name: the worker's file names it, so the worker (whose own default is "default") finds
+/// the connection the file holds.
+#[test]
+fn the_operators_default_connection_is_named_in_the_workers_file() -> anyhow::Result<()> {
+    let (_, mut pipeline) = examples()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no example"))?;
+    pipeline.spec.connection_ref = None;
+    let mut shared = connection()?;
+    shared.metadata.name = Some("shared-kafka".into());
+    let config = OperatorConfig {
+        default_connection: "shared-kafka".into(),
+        ..config()
+    };
+    let rendered = render(&pipeline, Some(&shared), &config)?;
+    let file = rendered
+        .config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.values().next())
+        .ok_or_else(|| anyhow::anyhow!("no pipeline file"))?;
+    let mut named = None;
+    let mut connections = Vec::new();
+    for resource in weir_crds::load::from_yaml(file)? {
+        match resource {
+            Loaded::EventPipeline(p) => named = p.spec.connection_ref.map(|r| r.name),
+            Loaded::KafkaConnection(c) => connections.push(c.metadata.name),
+            _ => {}
+        }
+    }
+    assert_eq!(named.as_deref(), Some("shared-kafka"));
+    assert_eq!(connections, vec!["shared-kafka".to_owned()]);
+    Ok(())
+}

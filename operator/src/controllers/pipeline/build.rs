@@ -175,7 +175,7 @@ pub fn render_with(
         ..ObjectMeta::default()
     };
 
-    let file = pipeline_file(pipeline, &connections)?;
+    let file = pipeline_file(pipeline, connection, &connections)?;
     let config_map = ConfigMap {
         metadata: meta(&names.config_map),
         data: Some(BTreeMap::from([(PIPELINE_FILE.to_owned(), file.clone())])),
@@ -410,16 +410,23 @@ fn owner_reference(pipeline: &EventPipeline) -> Result<OwnerReference, RenderErr
 
 /// The worker's file: the EventPipeline and the KafkaConnections it uses (its own, then
 /// its kafka sinks'), as YAML. Secrets stay references; their values reach the worker as
-/// environment variables.
+/// environment variables. The pipeline names its own connection even when its spec
+/// leaves `connectionRef` out: the operator's default may have any name, and the worker
+/// knows only its own default ("default").
 fn pipeline_file(
     pipeline: &EventPipeline,
+    own: Option<&KafkaConnection>,
     connections: &[&KafkaConnection],
 ) -> Result<String, RenderError> {
+    let mut spec = pipeline.spec.clone();
+    if spec.connection_ref.is_none() {
+        spec.connection_ref = own.map(|c| weir_crds::ConnectionRef { name: c.name_any() });
+    }
     let mut documents = vec![serde_json::json!({
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "EventPipeline",
         "metadata": {"name": pipeline.name_any(), "namespace": pipeline.namespace()},
-        "spec": pipeline.spec,
+        "spec": spec,
     })];
     let mut named = std::collections::BTreeSet::new();
     for connection in connections {
