@@ -239,3 +239,51 @@ fn sql_sink_urls_are_checked_for_their_kind_and_for_passwords() {
         "set exactly one of url, urlFrom",
     );
 }
+
+#[test]
+fn a_zero_catch_up_time_is_refused() {
+    let yaml = format!("{PIPELINE}  scaling:\n    targetCatchUpTime: 0s\n");
+    assert_refused(&yaml, "spec.scaling.targetCatchUpTime", "longer than 0s");
+}
+
+#[test]
+fn an_idempotency_window_under_a_second_is_refused() {
+    let yaml = format!("{PIPELINE}  idempotency:\n    key: event.id\n    window: 500ms\n");
+    assert_refused(&yaml, "spec.idempotency.window", "at least 1s");
+}
+
+#[test]
+fn a_replay_timestamp_that_is_no_time_is_refused() {
+    // Shaped like RFC 3339, but month 13 and hour 25 exist on no calendar.
+    let yaml = format!(
+        "{PIPELINE}  replay:\n    token: t1\n    to: Timestamp\n    timestamp: \"2026-13-45T25:61:61Z\"\n"
+    );
+    assert_refused(&yaml, "spec.replay.timestamp", "not an RFC 3339 time");
+    let valid = format!(
+        "{PIPELINE}  replay:\n    token: t1\n    to: Timestamp\n    timestamp: \"2026-11-23T10:00:00+01:00\"\n"
+    );
+    assert_eq!(problems(&valid), vec![]);
+}
+
+#[test]
+fn replay_fields_another_target_would_ignore_are_refused() {
+    let yaml = format!(
+        "{PIPELINE}  replay:\n    token: t1\n    to: Earliest\n    timestamp: \"2026-11-23T10:00:00Z\"\n    offsets: [{{topic: orders, partition: 0, offset: 5}}]\n"
+    );
+    assert_refused(&yaml, "spec.replay.timestamp", "only with to: Timestamp");
+    assert_refused(&yaml, "spec.replay.offsets", "only with to: Offsets");
+}
+
+#[test]
+fn replay_offsets_outside_the_source_or_twice_are_refused() {
+    let yaml = format!(
+        "{PIPELINE}  replay:\n    token: t1\n    to: Offsets\n    offsets:\n      - {{topic: orders, partition: 0, offset: 5}}\n      - {{topic: payments, partition: 0, offset: 5}}\n      - {{topic: orders, partition: 0, offset: 9}}\n"
+    );
+    assert_refused(
+        &yaml,
+        "spec.replay.offsets[1].topic",
+        "not one of spec.source.topics",
+    );
+    assert_refused(&yaml, "spec.replay.offsets[2]", "listed twice");
+    assert_eq!(problems(&yaml).len(), 2, "{:#?}", problems(&yaml));
+}

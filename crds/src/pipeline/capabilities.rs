@@ -80,6 +80,18 @@ impl EventPipelineSpec {
                 "needs a postgres, mysql or sqlite sink, which records the applied keys in its own transaction, or an http sink, which sends them as Idempotency-Key headers; remove it (Redis SET, HSET and DEL give the same result when repeated)",
             );
         }
+        if self.idempotency.is_some() {
+            // A kafka sink records no keys and a repeated record is a second record on its
+            // topic: spec.idempotency would silently not hold for it.
+            for (i, sink) in self.sinks.iter().enumerate() {
+                if sink.kafka.is_some() {
+                    spec.index("sinks", i).field_error(
+                        "kafka",
+                        "spec.idempotency does not apply to a kafka sink (it records no keys, so a redelivered record is written again): give it a pipeline of its own, with delivery: ExactlyOnce for no duplicates",
+                    );
+                }
+            }
+        }
     }
 
     /// Exactly-once needs one sink that commits the consumed offsets in its own transaction
@@ -295,5 +307,13 @@ mod tests {
             Vec::<String>::new(),
             "sent as Idempotency-Key"
         );
+        let with_kafka = spec(serde_json::json!({
+            "idempotency": {"key": "event.id"},
+            "sinks": [
+                {"postgres": {"urlFrom": {"env": "DB"}, "table": "t", "columns": [{"name": "a", "type": "text"}]}},
+                {"kafka": {"topic": "copies"}}
+            ]
+        }));
+        assert_eq!(paths(&with_kafka), vec!["spec.sinks[1].kafka".to_owned()]);
     }
 }

@@ -52,7 +52,14 @@ impl EventPipelineSpec {
         if let Some(idempotency) = &self.idempotency {
             let mut at = spec.at("idempotency");
             check_field_path(&idempotency.key, &mut at.at("key"));
-            check_duration(&idempotency.window, &mut at.at("window"));
+            if check_duration(&idempotency.window, &mut at.at("window"))
+                .is_some_and(|w| w < std::time::Duration::from_secs(1))
+            {
+                at.field_error(
+                    "window",
+                    "must be at least 1s: applied keys are remembered in whole seconds, e.g. 24h",
+                );
+            }
         }
         validate_scaling(&self.scaling, &mut spec.at("scaling"));
         if let Some(replicas) = self.replicas
@@ -61,7 +68,7 @@ impl EventPipelineSpec {
             spec.field_error("replicas", "must not be negative");
         }
         if let Some(replay) = &self.replay {
-            validate_replay(replay, &mut spec.at("replay"));
+            validate_replay(replay, &self.source, &mut spec.at("replay"));
         }
         if let Some(worker) = &self.worker
             && !(1..=3600).contains(&worker.termination_grace_period_seconds)
@@ -628,29 +635,68 @@ fn validate_scaling(scaling: &Scaling, at: &mut Collector<'_>) {
     if scaling.activation_lag < 0 {
         at.field_error("activationLag", "must not be negative");
     }
-    if let Some(catch_up) = &scaling.target_catch_up_time {
-        check_duration(catch_up, &mut at.at("targetCatchUpTime"));
+    if let Some(catch_up) = &scaling.target_catch_up_time
+        && check_duration(catch_up, &mut at.at("targetCatchUpTime")).is_some_and(|d| d.is_zero())
+    {
+        at.field_error(
+            "targetCatchUpTime",
+            "must be longer than 0s: it is the time the autoscaler gives the workers to clear the lag, e.g. 60s",
+        );
     }
     check_duration(&scaling.cooldown, &mut at.at("cooldown"));
 }
 
-fn validate_replay(replay: &Replay, at: &mut Collector<'_>) {
+fn validate_replay(replay: &Replay, source: &Source, at: &mut Collector<'_>) {
     if replay.token.trim().is_empty() {
         at.field_error("token", "must not be empty");
     }
-    match replay.to {
-        ReplayTarget::Timestamp => match &replay.timestamp {
-            None => at.field_error("timestamp", "to: Timestamp needs a timestamp (RFC 3339)"),
-            Some(ts) if !looks_like_rfc3339(ts) => at.field_error(
+    match (&replay.to, &replay.timestamp) {
+        (ReplayTarget::Timestamp, None) => {
+            at.field_error("timestamp", "to: Timestamp needs a timestamp (RFC 3339)")
+        }
+        (ReplayTarget::Timestamp, Some(ts)) if ts.parse::<jiff::Timestamp>().is_err() => at
+            .field_error(
                 "timestamp",
                 format!("{ts:?} is not an RFC 3339 time, e.g. \"2026-11-23T10:00:00Z\""),
             ),
-            Some(_) => {}
-        },
-        ReplayTarget::Offsets if replay.offsets.is_empty() => {
-            at.field_error("offsets", "to: Offsets needs at least one partition offset")
-        }
+        (to, Some(_)) if *to != ReplayTarget::Timestamp => at.field_error(
+            "timestamp",
+            format!("is used only with to: Timestamp, and to is {to:?}: remove it"),
+        ),
         _ => {}
+    }
+    if replay.to == ReplayTarget::Offsets {
+        if replay.offsets.is_empty() {
+            at.field_error("offsets", "to: Offsets needs at least one partition offset");
+        }
+        let mut seen = BTreeSet::new();
+        for (i, offset) in replay.offsets.iter().enumerate() {
+            let mut entry = at.index("offsets", i);
+            if !source.topics.contains(&offset.topic) {
+                entry.field_error(
+                    "topic",
+                    format!(
+                        "{:?} is not one of spec.source.topics ({}): the pipeline's group reads only those",
+                        offset.topic,
+                        source.topics.join(", ")
+                    ),
+                );
+            }
+            if !seen.insert((&offset.topic, offset.partition)) {
+                entry.error(format!(
+                    "partition {} of {:?} is listed twice: keep one offset per partition",
+                    offset.partition, offset.topic
+                ));
+            }
+        }
+    } else if !replay.offsets.is_empty() {
+        at.field_error(
+            "offsets",
+            format!(
+                "are used only with to: Offsets, and to is {:?}: remove them",
+                replay.to
+            ),
+        );
     }
 }
 
@@ -723,17 +769,6 @@ fn is_sql_table_name(name: &str) -> bool {
         Some((schema, table)) => is_sql_identifier(schema) && is_sql_identifier(table),
         None => is_sql_identifier(name),
     }
-}
-
-fn looks_like_rfc3339(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    bytes.len() >= 20
-        && bytes[4] == b'-'
-        && bytes[7] == b'-'
-        && (bytes[10] == b'T' || bytes[10] == b't')
-        && bytes[13] == b':'
-        && bytes[16] == b':'
-        && (text.ends_with('Z') || text.ends_with('z') || text[19..].contains(['+', '-']))
 }
 
 fn topic_name_message(topic: &str) -> String {
