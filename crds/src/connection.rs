@@ -55,7 +55,9 @@ pub struct KafkaConnectionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl: Option<SaslConfig>,
     /// Extra librdkafka client properties, e.g. `client.rack` or `socket.keepalive.enable`.
-    /// Credentials do not belong here: use `sasl` and `tls`, which read Secrets.
+    /// Refused here: credentials (use `sasl` and `tls`, which read Secrets) and what Weir
+    /// sets on its clients itself (the consumer group, commits, prefetch, producer acks
+    /// and batching), each with the field that decides it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: BTreeMap<String, String>,
 }
@@ -151,6 +153,88 @@ const SECRET_PROPERTIES: &[(&str, &str)] = &[
     ("security.protocol", "spec.tls and spec.sasl"),
 ];
 
+/// librdkafka properties Weir sets itself on the clients it makes, after the connection's
+/// own: a value given here would be replaced, so it is refused with what decides it.
+const WEIR_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "ssl.ca.location",
+        "spec.tls.caCert (without it, the system's roots)",
+    ),
+    (
+        "ssl.endpoint.identification.algorithm",
+        "spec.tls.insecureSkipHostnameVerification",
+    ),
+    ("sasl.mechanism", "spec.sasl.mechanism"),
+    ("sasl.mechanisms", "spec.sasl.mechanism"),
+    ("group.id", "an EventPipeline's spec.source.consumerGroup"),
+    (
+        "auto.offset.reset",
+        "an EventPipeline's spec.source.startPosition",
+    ),
+    (
+        "enable.auto.commit",
+        "the worker, which commits only past acknowledged records",
+    ),
+    (
+        "enable.auto.offset.store",
+        "the worker, which commits only past acknowledged records",
+    ),
+    (
+        "auto.commit.interval.ms",
+        "the worker, which commits only past acknowledged records",
+    ),
+    (
+        "partition.assignment.strategy",
+        "the worker (cooperative-sticky, so a scale-up moves partitions without stopping the others)",
+    ),
+    (
+        "session.timeout.ms",
+        "the worker (10 s, with a heartbeat every second)",
+    ),
+    (
+        "heartbeat.interval.ms",
+        "the worker (10 s session, a heartbeat every second)",
+    ),
+    (
+        "queued.max.messages.kbytes",
+        "the worker's bounded prefetch",
+    ),
+    (
+        "queued.min.messages",
+        "the worker's bounded prefetch (from spec.batch)",
+    ),
+    ("fetch.max.bytes", "the worker's bounded prefetch"),
+    ("max.partition.fetch.bytes", "the worker's bounded prefetch"),
+    ("fetch.queue.backoff.ms", "the worker's bounded prefetch"),
+    ("statistics.interval.ms", "the worker's lag metrics"),
+    (
+        "enable.idempotence",
+        "Weir's producers (idempotent, acks=all, for dead letters and kafka sinks)",
+    ),
+    (
+        "acks",
+        "Weir's producers (idempotent, acks=all, for dead letters and kafka sinks)",
+    ),
+    ("linger.ms", "Weir's producers (5 ms)"),
+    ("queue.buffering.max.messages", "the kafka sink"),
+    (
+        "partitioner",
+        "the kafka sink (murmur2_random, the Java clients' choice)",
+    ),
+    (
+        "compression.type",
+        "a kafka sink's spec.sinks[].kafka.compression",
+    ),
+    (
+        "transactional.id",
+        "an EventPipeline's delivery: ExactlyOnce",
+    ),
+    (
+        "transaction.timeout.ms",
+        "an EventPipeline's delivery: ExactlyOnce",
+    ),
+];
+
 impl KafkaConnectionSpec {
     /// Every problem the API server's schema cannot catch, with its field path.
     pub fn validate(&self) -> Result<(), Problems> {
@@ -176,6 +260,10 @@ impl KafkaConnectionSpec {
             if let Some((_, instead)) = SECRET_PROPERTIES.iter().find(|(k, _)| k == key) {
                 spec.key("properties", key)
                     .error(format!("set through {instead}, not as a property"));
+            } else if let Some((_, by)) = WEIR_PROPERTIES.iter().find(|(k, _)| k == key) {
+                spec.key("properties", key).error(format!(
+                    "is set by {by} on every client that needs it, so a value here would be replaced: remove it"
+                ));
             }
         }
         Problems(out).into_result()

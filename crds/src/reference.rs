@@ -59,7 +59,8 @@ pub struct SecretSource {
     /// The name of an environment variable of the worker process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
-    /// A path to a file whose content (trailing newline removed) is the value.
+    /// A path to a file whose content (trailing newline removed) is the value, for
+    /// `weir-worker run`; the operator refuses it, as its worker pods mount no such file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
 }

@@ -287,3 +287,20 @@ fn replay_offsets_outside_the_source_or_twice_are_refused() {
     assert_refused(&yaml, "spec.replay.offsets[2]", "listed twice");
     assert_eq!(problems(&yaml).len(), 2, "{:#?}", problems(&yaml));
 }
+
+#[test]
+fn properties_weir_sets_itself_are_refused_with_what_decides_them() {
+    let yaml = "apiVersion: weir.dev/v1alpha1\nkind: KafkaConnection\nmetadata: {name: c}\nspec:\n  bootstrapServers: [k:9092]\n  properties:\n    client.rack: eu-west-1a\n    group.id: mine\n    acks: \"1\"\n";
+    assert_refused(
+        yaml,
+        "spec.properties[\"group.id\"]",
+        "spec.source.consumerGroup",
+    );
+    assert_refused(yaml, "spec.properties[\"acks\"]", "acks=all");
+    assert_eq!(
+        problems(yaml).len(),
+        2,
+        "client.rack is the client's own: {:#?}",
+        problems(yaml)
+    );
+}

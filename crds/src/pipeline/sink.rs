@@ -31,8 +31,8 @@ pub struct Sink {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql: Option<SqlSink>,
     /// Write to a table in a SQLite database file (`url: sqlite:///data/todos.db`): for
-    /// local and edge use. In Kubernetes the file must be on a volume of the worker's pod,
-    /// and only one worker may write it (maxReplicas: 1).
+    /// local and edge use with `weir-worker run`. The operator refuses it: its worker pods
+    /// have a read-only root, no volume for the file, and more than one replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sqlite: Option<SqlSink>,
     /// Write keys to Redis.
