@@ -77,8 +77,19 @@ impl Worker {
         }
     }
 
-    /// SIGTERM, then asserts a clean exit (code 0) within the deadline.
+    /// SIGTERM, then asserts a clean exit (code 0) within the deadline. The signal waits
+    /// until the worker serves /healthz, which it starts after its signal handlers: a
+    /// SIGTERM in the first milliseconds of the process meets the default action instead.
     pub fn stop(&mut self) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while self.is_running() && http_get(self.metrics_port, "/healthz").is_none() {
+            anyhow::ensure!(
+                start.elapsed() < DEADLINE,
+                "worker never served /healthz; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.signal("TERM")?;
         let status = self.wait(DEADLINE)?;
         anyhow::ensure!(
