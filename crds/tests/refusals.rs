@@ -304,3 +304,16 @@ fn properties_weir_sets_itself_are_refused_with_what_decides_them() {
         problems(yaml)
     );
 }
+
+#[test]
+fn raw_events_with_what_reads_json_fields_are_refused() {
+    let yaml = format!(
+        "{PIPELINE}  idempotency:\n    key: event.id\n  transform:\n    set:\n      seen: \"true\"\n"
+    )
+    .replace("    topics: [orders]\n", "    topics: [orders]\n    format: Raw\n");
+    assert_refused(&yaml, "spec.sinks[0].postgres", "each event is a string");
+    assert_refused(&yaml, "spec.idempotency", "never found");
+    assert_refused(&yaml, "spec.transform.set", "no fields to set");
+    let copy = "apiVersion: weir.dev/v1alpha1\nkind: EventPipeline\nmetadata: {name: p}\nspec:\n  source:\n    topics: [logs]\n    format: Raw\n  sinks:\n    - kafka: {topic: logs-copy}\n";
+    assert_eq!(problems(copy), vec![]);
+}

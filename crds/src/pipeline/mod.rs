@@ -140,7 +140,9 @@ pub struct Source {
     /// Where a new consumer group starts: Earliest (the default) or Latest.
     #[serde(default)]
     pub start_position: StartPosition,
-    /// How record values are decoded: Json (the default) or Raw bytes.
+    /// How record values are decoded: Json (the default), or Raw: any bytes, `event` their
+    /// text, copied as they are by a kafka or redis sink without a value expression (SQL
+    /// and MongoDB sinks, idempotency and transform set/remove need Json).
     #[serde(default)]
     pub format: PayloadFormat,
 }
@@ -161,7 +163,10 @@ pub enum PayloadFormat {
     /// UTF-8 JSON; an undecodable record goes to the dead-letter topic.
     #[default]
     Json,
-    /// The value's bytes, untouched (`event` is bytes).
+    /// Any bytes: `event` is the value as text (invalid UTF-8 replaced), for CEL; a kafka
+    /// or redis sink with no value expression writes the original bytes. Field paths (SQL
+    /// and MongoDB sinks, idempotency keys) and transform set/remove need Json objects and
+    /// are refused with it.
     Raw,
 }
 

@@ -32,6 +32,9 @@ impl EventPipelineSpec {
                 }
             }
         }
+        if self.source.format == PayloadFormat::Raw {
+            self.check_raw(&mut spec);
+        }
         validate_sinks(self, &mut spec);
         validate_batch(&self.batch, &mut spec.at("batch"));
         validate_retry(&self.retry, &mut spec.at("retry"));
@@ -80,6 +83,45 @@ impl EventPipelineSpec {
         }
         self.check_capabilities(&mut spec);
         Problems(out).into_result()
+    }
+}
+
+impl EventPipelineSpec {
+    /// With `format: Raw` an event is a string, so whatever reads fields of a JSON object
+    /// would find none: refused where it is, instead of writing nulls or deduplicating
+    /// nothing.
+    fn check_raw(&self, spec: &mut Collector<'_>) {
+        const WHY: &str = "with spec.source.format: Raw each event is a string, not a JSON object";
+        if let Some(transform) = &self.transform {
+            if !transform.set.is_empty() {
+                spec.at("transform").field_error(
+                    "set",
+                    format!("{WHY}, so there are no fields to set: use format: Json"),
+                );
+            }
+            if !transform.remove.is_empty() {
+                spec.at("transform").field_error(
+                    "remove",
+                    format!("{WHY}, so there are no fields to remove: use format: Json"),
+                );
+            }
+        }
+        if self.idempotency.is_some() {
+            spec.field_error(
+                "idempotency",
+                format!("{WHY}, so its key field is never found: use format: Json, or remove it"),
+            );
+        }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            for kind in sink.kinds() {
+                if matches!(kind, "postgres" | "mysql" | "sqlite" | "mongodb") {
+                    spec.index("sinks", i).field_error(
+                        kind,
+                        format!("{WHY}, and the {kind} sink reads its fields: use format: Json, or a redis, http or kafka sink (their expressions read the text as event)"),
+                    );
+                }
+            }
+        }
     }
 }
 

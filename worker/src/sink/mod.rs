@@ -229,12 +229,12 @@ fn build_with(
     kafka: Option<&kafka::Connection>,
     url: &UrlOf<'_>,
 ) -> Result<Vec<NamedSink>, String> {
-    // Without a transform, a JSON record's value is its event.
-    let untouched = spec.source.format == weir_crds::PayloadFormat::Json
-        && spec
-            .transform
-            .as_ref()
-            .is_none_or(|t| t.set.is_empty() && t.remove.is_empty());
+    // Without a transform, a record's value is its event: the JSON as consumed, or with
+    // format: Raw the bytes themselves (the event only their lossy UTF-8 text).
+    let untouched = spec
+        .transform
+        .as_ref()
+        .is_none_or(|t| t.set.is_empty() && t.remove.is_empty());
     let idempotency = spec
         .idempotency
         .as_ref()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use common::{
-    DEADLINE, committed_total, events, kafka, pipeline, produce, start_with_args,
+    DEADLINE, committed_total, events, kafka, pipeline, produce, read_topic, start_with_args,
     wait_committed_async, wait_until, wake_zombie,
 };
 use rdkafka::Message;
@@ -185,6 +185,42 @@ async fn kafka_sink_without_expressions_copies_each_record_as_it_is() -> anyhow:
         assert_eq!(o.value, json!({"id": i}));
         assert_eq!(o.key.as_deref(), Some((i % 97).to_string().as_str()));
     }
+    worker.stop()?;
+    Ok(())
+}
+
+/// `format: Raw`: the kafka sink without a value expression copies each record's bytes,
+/// whatever they are (they used to arrive as a JSON string of their lossy text).
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_records_are_copied_byte_for_byte() -> anyhow::Result<()> {
+    let kafka = kafka().await?;
+    let input = kafka.create_topic("ks-raw-in", 1, &[]).await?;
+    let output = kafka.create_topic("ks-raw-out", 1, &[]).await?;
+    let doc = pipeline(
+        "ks-raw",
+        json!({
+            "source": {"topics": [&input], "format": "Raw"},
+            "sinks": [{"kafka": {"topic": &output}}],
+            "batch": {"maxWait": "20ms"},
+        }),
+    );
+    let sent: Vec<(String, Vec<u8>)> = vec![
+        ("a".into(), b"plain text, not JSON".to_vec()),
+        ("b".into(), b"{ \"id\" : 1 }".to_vec()),
+        ("c".into(), vec![0xff, 0x00, 0xfe, b'x']),
+    ];
+    let dir = tempfile::tempdir()?;
+    let mut worker = start_with_args(dir.path(), &kafka, &doc, &[], &[])?;
+    produce(&kafka, &input, &sent).await?;
+    let count = sent.len();
+    let out = tokio::task::spawn_blocking({
+        let (kafka, output) = (kafka.clone(), output.clone());
+        move || read_topic(&kafka, &output, count)
+    })
+    .await??;
+    let values: Vec<Option<Vec<u8>>> = out.into_iter().map(|(value, _)| value).collect();
+    let expected: Vec<Option<Vec<u8>>> = sent.iter().map(|(_, v)| Some(v.clone())).collect();
+    assert_eq!(values, expected);
     worker.stop()?;
     Ok(())
 }

@@ -34,7 +34,7 @@ pub struct RedisSink {
     /// Expiry in milliseconds, for Set and Hset.
     ttl_ms: Option<u64>,
     transaction: bool,
-    /// The records' values are the events as they were consumed (JSON, no transform): the
+    /// The records' values are the events as they were consumed (no transform): the
     /// default SET value can be the record's own bytes instead of the event re-encoded.
     payload_is_event: bool,
     /// What the key, value and field expressions read, together.
@@ -171,8 +171,8 @@ impl RedisSink {
         })
     }
 
-    /// Declares that every record's value is its event as consumed (JSON format, no
-    /// transform), so `Set` without a value expression writes the record's bytes as they are.
+    /// Declares that every record's value is its event as consumed (no transform: JSON, or
+    /// Raw bytes), so `Set` without a value expression writes the record's bytes as they are.
     pub fn with_payload_as_event(mut self, payload_is_event: bool) -> Self {
         self.payload_is_event = payload_is_event;
         self
