@@ -317,3 +317,31 @@ fn raw_events_with_what_reads_json_fields_are_refused() {
     let copy = "apiVersion: weir.dev/v1alpha1\nkind: EventPipeline\nmetadata: {name: p}\nspec:\n  source:\n    topics: [logs]\n    format: Raw\n  sinks:\n    - kafka: {topic: logs-copy}\n";
     assert_eq!(problems(copy), vec![]);
 }
+
+#[test]
+fn http_urls_the_sink_cannot_send_to_and_headers_set_twice_are_refused() {
+    let http = |url: &str, headers: &str| {
+        format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: EventPipeline\nmetadata: {{name: p}}\nspec:\n  source:\n    topics: [orders]\n  sinks:\n    - http:\n        url: {url:?}\n        headers: {headers}\n"
+        )
+    };
+    assert_refused(
+        &http("https://hooks@example.com/in", "{}"),
+        "spec.sinks[0].http.url",
+        "holds credentials",
+    );
+    assert_refused(
+        &http("https:///in", "{}"),
+        "spec.sinks[0].http.url",
+        "names no host",
+    );
+    assert_refused(
+        &http("https://example.com/in", "{X-Team: a, x-team: b}"),
+        "spec.sinks[0].http.headers[\"x-team\"]",
+        "set twice",
+    );
+    assert_eq!(
+        problems(&http("https://example.com:8443/in?x=1", "{X-Team: a}")),
+        vec![]
+    );
+}

@@ -549,19 +549,25 @@ fn validate_http(sink: &HttpSink, at: &mut Collector<'_>) {
                     "url",
                     format!("{url:?} must start with http:// or https://"),
                 );
-            } else if has_password(url) {
+            } else if authority(url).is_empty() {
+                at.field_error("url", format!("{url:?} names no host"));
+            } else if authority(url).contains('@') {
                 at.field_error(
                     "url",
-                    "holds a password, which is not sent: send credentials in a header from headersFrom (e.g. Authorization), so they never appear in the resource",
+                    "holds credentials, which are not sent: send them in a header from headersFrom (e.g. Authorization), so they never appear in the resource",
                 );
             }
         }
         (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
         _ => at.error("set exactly one of url, urlFrom"),
     }
+    let mut seen = BTreeSet::new();
     for (name, value) in &sink.headers {
         let mut entry = at.key("headers", name);
         check_header_name(name, &mut entry);
+        if !seen.insert(name.to_ascii_lowercase()) {
+            entry.error("is set twice (header names ignore case): keep one");
+        }
         if value.chars().any(|c| c.is_control() && c != '\t') {
             entry.error("a header value must not hold control characters such as line breaks");
         }
@@ -795,13 +801,17 @@ fn is_sql_identifier(name: &str) -> bool {
         && name.len() <= 63
 }
 
+/// A URL's authority, `user:password@host:port`: what follows `://` up to the path, query
+/// or fragment (empty without `://`).
+fn authority(url: &str) -> &str {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.split(['/', '?', '#']).next())
+        .unwrap_or_default()
+}
+
 /// Whether a URL carries `user:password@`.
 fn has_password(url: &str) -> bool {
-    let Some((_, rest)) = url.split_once("://") else {
-        return false;
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    authority
+    authority(url)
         .rsplit_once('@')
         .is_some_and(|(credentials, _)| credentials.contains(':'))
 }
