@@ -345,3 +345,23 @@ fn http_urls_the_sink_cannot_send_to_and_headers_set_twice_are_refused() {
         vec![]
     );
 }
+
+#[test]
+fn sink_urls_that_do_not_parse_are_refused_without_their_text() {
+    let yaml = PIPELINE.replace(
+        "urlFrom: {env: DATABASE_URL}",
+        "url: \"postgres://db.example:54x32/app\"",
+    );
+    assert_refused(
+        &yaml,
+        "spec.sinks[0].postgres.url",
+        "is not a URL: invalid port number",
+    );
+    let redis = "apiVersion: weir.dev/v1alpha1\nkind: EventPipeline\nmetadata: {name: p}\nspec:\n  source:\n    topics: [orders]\n  sinks:\n    - redis: {url: \"redis://cache:abc\", key: event.id}\n";
+    assert_refused(redis, "spec.sinks[0].redis.url", "is not a URL");
+    assert!(
+        problems(redis)
+            .iter()
+            .all(|p| !p.message.contains("cache:abc"))
+    );
+}

@@ -237,6 +237,9 @@ fn validate_sql(sink: &SqlSink, schemes: &[&str], at: &mut Collector<'_>) {
                     "url",
                     "holds a password: move the URL to urlFrom (a Secret, an environment variable or a file) so it never appears in the resource",
                 );
+            } else if !url.starts_with("sqlite:") {
+                // SQLite's URLs are paths and options, parsed by sqlx's own rules.
+                parses_as_url(url, &mut at.at("url"));
             }
         }
         (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
@@ -538,6 +541,20 @@ fn check_redis_url(url: &str, at: &mut Collector<'_>) {
         at.error(
             "holds a password: move the URL to urlFrom (a Secret, an environment variable or a file) so it never appears in the resource",
         );
+    } else {
+        parses_as_url(url, at);
+    }
+}
+
+/// Whether `url` parses by the WHATWG rules of the `url` crate, with which sqlx and redis
+/// read their URLs; if not, says why, without the URL (it may hold a secret).
+fn parses_as_url(url: &str, at: &mut Collector<'_>) -> bool {
+    match url::Url::parse(url) {
+        Ok(_) => true,
+        Err(e) => {
+            at.error(format!("is not a URL: {e}"));
+            false
+        }
     }
 }
 
@@ -549,13 +566,13 @@ fn validate_http(sink: &HttpSink, at: &mut Collector<'_>) {
                     "url",
                     format!("{url:?} must start with http:// or https://"),
                 );
-            } else if authority(url).is_empty() {
-                at.field_error("url", format!("{url:?} names no host"));
             } else if authority(url).contains('@') {
                 at.field_error(
                     "url",
                     "holds credentials, which are not sent: send them in a header from headersFrom (e.g. Authorization), so they never appear in the resource",
                 );
+            } else if parses_as_url(url, &mut at.at("url")) && authority(url).is_empty() {
+                at.field_error("url", format!("{url:?} names no host"));
             }
         }
         (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
