@@ -60,6 +60,22 @@ pub fn validate(
             spec: false,
         });
     }
+    // The worker refuses to start on a connection its validate() refuses; say so here,
+    // instead of rendering workers that would exit at every start.
+    let used = std::iter::once(&connection)
+        .chain(refs.sink_connections.iter().filter_map(|(_, c)| c.as_ref()));
+    for used in used {
+        if let Err(problems) = used.spec.validate() {
+            return Err(Refusal {
+                reason: "ConnectionInvalid",
+                message: format!(
+                    "KafkaConnection {namespace}/{} is invalid, so its workers would not start: {problems}",
+                    used.name_any()
+                ),
+                spec: false,
+            });
+        }
+    }
     Ok(connection)
 }
 
@@ -72,7 +88,7 @@ pub fn in_cluster(spec: &EventPipelineSpec) -> Vec<String> {
         let at = format!("spec.sinks[{i}]");
         if sink.sqlite.is_some() {
             out.push(format!(
-                "{at}.sqlite: a SQLite database needs a disk of its own, which the worker pods do not have (a read-only root, and several workers): run it with `weir-worker run`, or use a postgres or mysql sink"
+                "{at}.sqlite: a SQLite database needs a disk of its own, which the worker pods do not have (a read-only root, and no single writer once it scales): run it with `weir-worker run`, or use a postgres or mysql sink"
             ));
         }
         let mut sources: Vec<(String, &SecretSource)> = Vec::new();
@@ -138,6 +154,45 @@ mod tests {
                 "spec.sinks[0].sqlite",
                 "spec.sinks[2].http.headersFrom[\"Authorization\"].file"
             ]
+        );
+    }
+
+    #[test]
+    fn a_connection_the_worker_would_refuse_refuses_the_pipeline() {
+        let pipeline = EventPipeline::new(
+            "orders",
+            serde_json::from_value(serde_json::json!({
+                "source": {"topics": ["in"]},
+                "sinks": [{"kafka": {"topic": "out"}}]
+            }))
+            .expect("spec parses"),
+        );
+        let connection = |properties: serde_json::Value| {
+            Arc::new(KafkaConnection::new(
+                "default",
+                serde_json::from_value(serde_json::json!({
+                    "bootstrapServers": ["kafka:9092"],
+                    "properties": properties
+                }))
+                .expect("connection parses"),
+            ))
+        };
+        let refs = |c: Arc<KafkaConnection>| Dereferenced {
+            connection_name: "shop/default".into(),
+            connection: Some(c),
+            sink_connections: Vec::new(),
+            deployment: None,
+            lag: None,
+        };
+        let fine = refs(connection(serde_json::json!({"client.rack": "a"})));
+        assert!(validate(&pipeline, &fine).is_ok());
+        let replaced = refs(connection(serde_json::json!({"linger.ms": "50"})));
+        let refusal = validate(&pipeline, &replaced).expect_err("refused");
+        assert_eq!(refusal.reason, "ConnectionInvalid");
+        assert!(
+            refusal.message.contains("spec.properties[\"linger.ms\"]"),
+            "{}",
+            refusal.message
         );
     }
 }
