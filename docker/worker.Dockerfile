@@ -6,7 +6,7 @@
 # A release build on Debian 12 (bookworm), run on distroless cc-debian12 (glibc, libgcc_s,
 # libstdc++, libssl3 and CA certificates; no shell, no package manager). The binary links
 # libz (librdkafka's compression), which distroless lacks: it is copied from the build
-# stage. operator/tests/images.rs checks this file against the code and `ldd` of the binary.
+# stage. operator/tests/integration/images.rs checks this file against the code and `ldd` of the binary.
 
 FROM docker.io/library/rust:1.95-bookworm AS build
 RUN apt-get update \

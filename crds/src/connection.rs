@@ -57,7 +57,8 @@ pub struct KafkaConnectionSpec {
     /// Extra librdkafka client properties, e.g. `client.rack` or `socket.keepalive.enable`.
     /// Refused here: credentials (use `sasl` and `tls`, which read Secrets) and what Weir
     /// sets on its clients itself (the consumer group, commits, prefetch, producer acks
-    /// and batching), each with the field that decides it.
+    /// and batching), each with the field that decides it. `compression.type` applies to
+    /// dead letters; a kafka sink compresses as its own `compression` says.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: BTreeMap<String, String>,
 }
@@ -215,23 +216,25 @@ const WEIR_PROPERTIES: &[(&str, &str)] = &[
         "acks",
         "Weir's producers (idempotent, acks=all, for dead letters and kafka sinks)",
     ),
+    (
+        "request.required.acks",
+        "Weir's producers (idempotent, acks=all, for dead letters and kafka sinks)",
+    ),
     ("linger.ms", "Weir's producers (5 ms)"),
-    ("queue.buffering.max.messages", "the kafka sink"),
+    ("queue.buffering.max.ms", "Weir's producers (linger.ms 5)"),
+    ("queue.buffering.max.messages", "the kafka sink's producer"),
     (
         "partitioner",
-        "the kafka sink (murmur2_random, the Java clients' choice)",
+        "the kafka sink's producer (murmur2_random, the Java clients' choice)",
     ),
-    (
-        "compression.type",
-        "a kafka sink's spec.sinks[].kafka.compression",
-    ),
+    ("fetch.message.max.bytes", "the worker's bounded prefetch"),
     (
         "transactional.id",
-        "an EventPipeline's delivery: ExactlyOnce",
+        "an EventPipeline's delivery: ExactlyOnce, for its kafka sink alone (here it would make every producer transactional)",
     ),
     (
         "transaction.timeout.ms",
-        "an EventPipeline's delivery: ExactlyOnce",
+        "an EventPipeline's delivery: ExactlyOnce, for its kafka sink alone",
     ),
 ];
 
@@ -262,7 +265,7 @@ impl KafkaConnectionSpec {
                     .error(format!("set through {instead}, not as a property"));
             } else if let Some((_, by)) = WEIR_PROPERTIES.iter().find(|(k, _)| k == key) {
                 spec.key("properties", key).error(format!(
-                    "is set by {by} on every client that needs it, so a value here would be replaced: remove it"
+                    "is decided by {by}, not by the connection: remove it"
                 ));
             }
         }

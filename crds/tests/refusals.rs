@@ -297,6 +297,18 @@ fn properties_weir_sets_itself_are_refused_with_what_decides_them() {
         "spec.source.consumerGroup",
     );
     assert_refused(yaml, "spec.properties[\"acks\"]", "acks=all");
+    let alias = yaml.replace("acks: \"1\"", "request.required.acks: \"0\"");
+    assert_refused(
+        &alias,
+        "spec.properties[\"request.required.acks\"]",
+        "acks=all",
+    );
+    let compressed = yaml.replace("acks: \"1\"", "compression.type: zstd");
+    assert_eq!(
+        problems(&compressed).len(),
+        1,
+        "compression.type applies to dead letters"
+    );
     assert_eq!(
         problems(yaml).len(),
         2,
@@ -339,6 +351,29 @@ fn http_urls_the_sink_cannot_send_to_and_headers_set_twice_are_refused() {
         &http("https://example.com/in", "{X-Team: a, x-team: b}"),
         "spec.sinks[0].http.headers[\"x-team\"]",
         "set twice",
+    );
+    let secret_headers = http("https://example.com/in", "{}").replace(
+        "        headers: {}\n",
+        "        headersFrom:\n          Authorization: {env: A}\n          authorization: {env: B}\n",
+    );
+    assert_refused(
+        &secret_headers,
+        "spec.sinks[0].http.headersFrom[\"authorization\"]",
+        "set twice",
+    );
+    // The url crate would take the space; the HTTP client the sink uses would not.
+    assert_refused(
+        &http("https://example.com/a b", "{}"),
+        "spec.sinks[0].http.url",
+        "percent-encode",
+    );
+    // A scheme typed in capitals is refused without quoting the password after it.
+    let shouted = http("HTTPS://hook:hunter2@example.com/in", "{}");
+    assert_refused(&shouted, "spec.sinks[0].http.url", "not HTTPS://");
+    assert!(
+        problems(&shouted)
+            .iter()
+            .all(|p| !p.message.contains("hunter2"))
     );
     assert_eq!(
         problems(&http("https://example.com:8443/in?x=1", "{X-Team: a}")),

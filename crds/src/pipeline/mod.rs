@@ -94,7 +94,9 @@ pub struct EventPipelineSpec {
     /// a permanent failure stops the pipeline rather than skip a record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetter>,
-    /// Skips records whose idempotency key was already applied within a window.
+    /// Skips records whose idempotency key a postgres, mysql or sqlite sink already applied
+    /// within the window; an http sink sends the key as an Idempotency-Key header. Refused
+    /// beside a kafka sink, which records no keys, and with format: Raw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
     /// AtLeastOnce (the default): offsets are committed after every sink acknowledged.

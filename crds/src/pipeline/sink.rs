@@ -222,7 +222,8 @@ pub struct RedisSink {
     #[schemars(length(min = 1))]
     pub key: String,
     /// With Set: a CEL expression giving the value. A string is written as it is, anything
-    /// else as JSON text. Defaults to the event, written the same way.
+    /// else as JSON text. Defaults to the event, written the same way; without a transform,
+    /// the record's own bytes (so with format: Raw, exactly what was consumed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
     /// With Hset: hash field → CEL expression giving its value (a string as it is, anything

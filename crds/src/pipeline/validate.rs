@@ -230,7 +230,11 @@ fn validate_sql(sink: &SqlSink, schemes: &[&str], at: &mut Collector<'_>) {
             if !schemes.iter().any(|s| url.starts_with(s)) {
                 at.field_error(
                     "url",
-                    format!("{url:?} must start with {}", schemes.join(" or ")),
+                    format!(
+                        "must start with {}{}",
+                        schemes.join(" or "),
+                        not_scheme(url)
+                    ),
                 );
             } else if has_password(url) {
                 at.field_error(
@@ -564,21 +568,31 @@ fn validate_http(sink: &HttpSink, at: &mut Collector<'_>) {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 at.field_error(
                     "url",
-                    format!("{url:?} must start with http:// or https://"),
+                    format!("must start with http:// or https://{}", not_scheme(url)),
                 );
             } else if authority(url).contains('@') {
                 at.field_error(
                     "url",
                     "holds credentials, which are not sent: send them in a header from headersFrom (e.g. Authorization), so they never appear in the resource",
                 );
-            } else if parses_as_url(url, &mut at.at("url")) && authority(url).is_empty() {
-                at.field_error("url", format!("{url:?} names no host"));
+            } else if parses_as_url(url, &mut at.at("url")) {
+                if authority(url).is_empty() {
+                    at.field_error("url", "names no host");
+                } else if url.parse::<http::Uri>().is_err() {
+                    // The sink's own parser, stricter than the url crate's (no spaces or
+                    // raw non-ASCII characters).
+                    at.field_error(
+                        "url",
+                        "is not a URL the HTTP client accepts: percent-encode spaces and non-ASCII characters",
+                    );
+                }
             }
         }
         (None, Some(from)) => check_secret_source(from, &mut at.at("urlFrom")),
         _ => at.error("set exactly one of url, urlFrom"),
     }
     let mut seen = BTreeSet::new();
+    let mut seen_from = BTreeSet::new();
     for (name, value) in &sink.headers {
         let mut entry = at.key("headers", name);
         check_header_name(name, &mut entry);
@@ -593,6 +607,9 @@ fn validate_http(sink: &HttpSink, at: &mut Collector<'_>) {
         let mut entry = at.key("headersFrom", name);
         check_header_name(name, &mut entry);
         check_secret_source(source, &mut entry);
+        if !seen_from.insert(name.to_ascii_lowercase()) {
+            entry.error("is set twice (header names ignore case): keep one");
+        }
         if sink.headers.keys().any(|n| n.eq_ignore_ascii_case(name)) {
             entry.error("also set in headers: set each header in one of headers, headersFrom");
         }
@@ -741,7 +758,7 @@ fn validate_replay(replay: &Replay, source: &Source, at: &mut Collector<'_>) {
                 entry.field_error(
                     "topic",
                     format!(
-                        "{:?} is not one of spec.source.topics ({}): the pipeline's group reads only those",
+                        "{:?} is not one of spec.source.topics ({}): the pipeline's group reads only those (a replay that already ran can be removed from the spec)",
                         offset.topic,
                         source.topics.join(", ")
                     ),
@@ -816,6 +833,19 @@ fn is_sql_identifier(name: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && name.len() <= 63
+}
+
+/// `, not <scheme>://` for a message, or nothing: only the scheme of a URL is ever quoted,
+/// since the rest may hold a password.
+fn not_scheme(url: &str) -> String {
+    url.split_once("://")
+        .filter(|(scheme, _)| {
+            scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
+        .map(|(scheme, _)| format!(", not {scheme}://"))
+        .unwrap_or_default()
 }
 
 /// A URL's authority, `user:password@host:port`: what follows `://` up to the path, query
