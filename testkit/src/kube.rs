@@ -394,12 +394,7 @@ pub async fn apply(
 /// Starts etcd, waits until it is healthy, and starts the API server (not yet ready).
 fn spawn(identities: &[Identity]) -> Result<KubeApiServer> {
     let bin = binaries()?;
-    let dir = tempfile::Builder::new()
-        .prefix("weir-kube-")
-        .tempdir()
-        .map_err(|source| HarnessError::io(PART, "creating the data directory", source))?
-        .keep();
-    let (etcd, etcd_url) = start_etcd(&bin, &dir)?;
+    let (dir, etcd, etcd_url) = start_etcd_in_new_dir(&bin)?;
 
     let tokens = tokens(identities)?;
     let token_file = dir.join("tokens.csv");
@@ -449,7 +444,34 @@ fn spawn(identities: &[Identity]) -> Result<KubeApiServer> {
     Ok(server)
 }
 
-fn start_etcd(bin: &Path, dir: &Path) -> Result<(Supervised, String)> {
+/// How many times etcd is started before giving up. Its two ports are found free and then
+/// bound by etcd, and another test's server can take one in between: etcd then exits at
+/// once (and its log goes with the data directory its watchdog deletes), so a start that
+/// exits is tried again on new ports in a new directory.
+const ETCD_ATTEMPTS: usize = 3;
+
+/// A new data directory with a healthy etcd in it, and etcd's client URL.
+fn start_etcd_in_new_dir(bin: &Path) -> Result<(PathBuf, Supervised, String)> {
+    let mut attempt = 1;
+    loop {
+        let dir = tempfile::Builder::new()
+            .prefix("weir-kube-")
+            .tempdir()
+            .map_err(|source| HarnessError::io(PART, "creating the data directory", source))?
+            .keep();
+        // The last attempt returns etcd or the error, never None.
+        if let Some((etcd, url)) = start_etcd(bin, &dir, attempt == ETCD_ATTEMPTS)? {
+            return Ok((dir, etcd, url));
+        }
+        eprintln!(
+            "weir-testkit: etcd exited while starting (attempt {attempt} of {ETCD_ATTEMPTS}), starting it again on new ports"
+        );
+        attempt += 1;
+    }
+}
+
+/// Starts etcd in `dir`; `None` when it exited before it was healthy and `last` is false.
+fn start_etcd(bin: &Path, dir: &Path, last: bool) -> Result<Option<(Supervised, String)>> {
     let client_port = free_port(ETCD)?;
     let peer_port = free_port(ETCD)?;
     let client_url = format!("http://127.0.0.1:{client_port}");
@@ -479,7 +501,8 @@ fn start_etcd(bin: &Path, dir: &Path) -> Result<(Supervised, String)> {
         etcd_healthy(client_port)
     });
     match ready {
-        Ok(()) => Ok((etcd, client_url)),
+        Ok(()) => Ok(Some((etcd, client_url))),
+        Err(NotReady::Exited) if !last => Ok(None),
         Err(NotReady::Exited) => Err(etcd.start_error("etcd exited")),
         Err(NotReady::TimedOut) => Err(etcd.start_error("etcd was not healthy within 30 s")),
     }
