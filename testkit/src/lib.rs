@@ -131,6 +131,14 @@ fn shared_url<S: Send + Sync>(
     })
 }
 
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_range_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
 /// The tools directory: `$WEIR_TOOLS_DIR`, else `~/.cache/weir-tools`.
 pub fn tools_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(env::TOOLS_DIR) {
@@ -140,8 +148,27 @@ pub fn tools_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/weir-tools")
 }
 
-/// A loopback port that was free a moment ago.
+/// Where the ports [`free_port`] picks from begin.
+const FIRST_FREE_PORT: u16 = 10_000;
+
+/// A loopback port that was free a moment ago, for a server the caller starts next.
+///
+/// Picked at random below the kernel's ephemeral range (`ip_local_port_range`, from 32768
+/// by default): a port `bind(0)` hands out comes from that range, as does the local port
+/// of every outgoing connection, and the tests open many, so one could take the port
+/// before the server binds it (etcd then exits with "address already in use"). Below
+/// the range only another `free_port` call could, and two at once pick the same port about
+/// once in 23,000.
 pub fn free_port(part: &'static str) -> Result<u16> {
+    let ephemeral = ephemeral_range_start();
+    if ephemeral > FIRST_FREE_PORT + 1000 {
+        for _ in 0..100 {
+            let port = fastrand::u16(FIRST_FREE_PORT..ephemeral);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| HarnessError::Io {
         part,
         context: "binding an ephemeral port".into(),

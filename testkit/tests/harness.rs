@@ -281,3 +281,26 @@ async fn read_all(kafka: &TestKafka, topic: &str, isolation: &str) -> anyhow::Re
     })
     .await?
 }
+
+/// Servers' ports come from below the kernel's ephemeral range, which outgoing
+/// connections draw their local ports from, so none of them can take a port between
+/// `free_port` and the server binding it.
+#[test]
+fn free_ports_lie_below_the_ephemeral_range_and_can_be_bound() -> anyhow::Result<()> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let ephemeral: u16 = range
+        .split_whitespace()
+        .next()
+        .context("an empty ip_local_port_range")?
+        .parse()?;
+    for _ in 0..50 {
+        let port = weir_testkit::free_port("test")?;
+        assert!(
+            (10_000..ephemeral).contains(&port),
+            "port {port} is not in 10000..{ephemeral}"
+        );
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("binding port {port}"))?;
+    }
+    Ok(())
+}
