@@ -174,7 +174,6 @@ impl Shards {
         self.lanes.0.len()
     }
 
-    /// Prepares `records` on the pool's threads; the results keep the records' order.
     /// Drops `garbage` on a pool thread: freeing a written batch's events (thousands of
     /// small allocations) is then not on the path between one write and the next.
     pub fn discard<T: Send + 'static>(&self, garbage: T) {
@@ -185,6 +184,7 @@ impl Shards {
         }
     }
 
+    /// Prepares `records` on the pool's threads; the results keep the records' order.
     pub async fn prepare(&self, records: Vec<Record>) -> Result<Vec<Prepared>, String> {
         self.map(records, |r| r, prepare_one, false).await
     }

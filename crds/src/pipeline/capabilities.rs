@@ -70,17 +70,15 @@ impl EventPipelineSpec {
                 }
             }
         }
-        if self.idempotency.is_some()
-            && !self.sinks.iter().any(|s| {
-                s.postgres.is_some() || s.mysql.is_some() || s.sqlite.is_some() || s.http.is_some()
-            })
-        {
-            spec.field_error(
-                "idempotency",
-                "needs a postgres, mysql or sqlite sink, which records the applied keys in its own transaction, or an http sink, which sends them as Idempotency-Key headers; remove it (Redis SET, HSET and DEL give the same result when repeated)",
-            );
-        }
         if self.idempotency.is_some() {
+            if !self.sinks.iter().any(|s| {
+                s.postgres.is_some() || s.mysql.is_some() || s.sqlite.is_some() || s.http.is_some()
+            }) {
+                spec.field_error(
+                    "idempotency",
+                    "needs a postgres, mysql or sqlite sink, which records the applied keys in its own transaction, or an http sink, which sends them as Idempotency-Key headers; remove it (Redis SET, HSET and DEL give the same result when repeated)",
+                );
+            }
             // A kafka sink records no keys and a repeated record is a second record on its
             // topic: spec.idempotency would silently not hold for it.
             for (i, sink) in self.sinks.iter().enumerate() {

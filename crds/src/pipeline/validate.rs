@@ -610,7 +610,7 @@ fn validate_http(sink: &HttpSink, at: &mut Collector<'_>) {
         if !seen_from.insert(name.to_ascii_lowercase()) {
             entry.error("is set twice (header names ignore case): keep one");
         }
-        if sink.headers.keys().any(|n| n.eq_ignore_ascii_case(name)) {
+        if seen.contains(&name.to_ascii_lowercase()) {
             entry.error("also set in headers: set each header in one of headers, headersFrom");
         }
     }

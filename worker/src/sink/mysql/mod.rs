@@ -1,6 +1,7 @@
 //! The MySQL sink (MySQL and MariaDB): the SQL table sink over MySQL's protocol. One
-//! transaction per shard of a batch (see `sql::write`; per batch with exactly-once); each group of the batch's plan (see `sql::plan`) runs as
-//! multi-row statements, each sized to stay under the server's `max_allowed_packet`.
+//! transaction per shard of a batch (see `sql::write`; per batch with exactly-once); each
+//! group of the batch's plan (see `sql::plan`) runs as multi-row statements, each sized to
+//! stay under the server's `max_allowed_packet`.
 //! Idempotency keys, and with exactly-once the consumed offsets, are written in the same
 //! transaction as the rows.
 

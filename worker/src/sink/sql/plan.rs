@@ -410,15 +410,10 @@ fn row_values<'a>(event: &'a Value, columns: &'a [Column]) -> Result<Values<'a>,
     Ok(values)
 }
 
-/// The event's value for a column: at its `from` path, or by default at `event.<name>`.
+/// The event's value for a column: at its `from` path, or by default at `event.<name>`
+/// (the name itself as the path, which [`field`] reads without the `event.` prefix).
 fn column_value<'a>(event: &'a Value, column: &Column) -> Option<&'a Value> {
-    match &column.from {
-        Some(path) => field(event, path),
-        None => column
-            .name
-            .split('.')
-            .try_fold(event, |value, segment| value.get(segment)),
-    }
+    field(event, column.from.as_deref().unwrap_or(&column.name))
 }
 
 fn column_path(column: &Column) -> String {
